@@ -1,0 +1,99 @@
+"""``find_artifacts``: a labelled artifact mask on the volume's own grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medinpaint.artifacts.labels import LABEL_NAMES, ArtifactKind
+from medinpaint.artifacts.slices import SliceDetection, find_slice_artifacts
+from medinpaint.data.load import load
+from medinpaint.data.volume import Volume
+from medinpaint.errors import MedinpaintError
+
+ARTIFACT_CHOICES = ("auto", "slices", "metal", "none")
+
+
+@dataclass
+class ArtifactMask:
+    """Labels (uint8, values from ArtifactKind, 0 = fine) on the grid of ``volume``."""
+
+    labels: np.ndarray
+    affine: np.ndarray
+    bad_slices: dict[int, ArtifactKind] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)  # what produced the mask
+
+    @property
+    def synthesized(self) -> np.ndarray:
+        """Boolean mask of the voxels that the filler replaces (everything but kept metal)."""
+        return (self.labels > 0) & (self.labels != ArtifactKind.METAL)
+
+    def counts(self) -> dict[str, int]:
+        values, counts = np.unique(self.labels[self.labels > 0], return_counts=True)
+        return {LABEL_NAMES[int(v)]: int(c) for v, c in zip(values, counts)}
+
+    def summary(self) -> dict:
+        total = self.labels.size
+        return {
+            "bad_slices": {str(k): v.name.lower() for k, v in self.bad_slices.items()},
+            "voxels": {name: {"count": c, "fraction": c / total} for name, c in self.counts().items()},
+            "found_by": self.sources,
+        }
+
+
+def find_artifacts(
+    volume: Volume,
+    artifacts: str = "auto",
+    user_mask: str | Path | np.ndarray | None = None,
+    slice_settings: SliceDetection | None = None,
+) -> ArtifactMask:
+    """Detect what is broken.  A user mask replaces detection of everything but missing slices.
+
+    Missing slices (placeholders inserted by the loader) are always flagged: they carry no
+    data whatever the user asks, so they must be synthesized or the output is a lie.
+    """
+    if artifacts not in ARTIFACT_CHOICES:
+        raise MedinpaintError(f"unknown artifact kind {artifacts!r}; choose from {', '.join(ARTIFACT_CHOICES)}")
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    bad: dict[int, ArtifactKind] = {}
+    sources: list[str] = []
+
+    if user_mask is not None:
+        mask = _user_mask_array(user_mask, volume)
+        labels[mask] = ArtifactKind.USER_MASK
+        sources.append("user mask")
+        bad = {k: ArtifactKind.MISSING_SLICE for k in volume.placeholder_slices}
+    elif artifacts in ("auto", "slices"):
+        bad = find_slice_artifacts(volume, slice_settings)
+        sources.append("slice detection")
+    elif volume.placeholder_slices:
+        bad = {k: ArtifactKind.MISSING_SLICE for k in volume.placeholder_slices}
+        sources.append("missing slice positions")
+
+    if artifacts == "metal" and user_mask is None:
+        raise MedinpaintError("metal artifact detection is not available yet; use --artifacts slices or --mask")
+
+    for k, kind in bad.items():
+        labels[:, :, k] = kind
+    invalid = ~np.isfinite(volume.array) & (labels == 0)
+    if invalid.any():
+        labels[invalid] = ArtifactKind.INVALID_VOXEL
+        sources.append("non-finite voxels")
+    return ArtifactMask(labels=labels, affine=volume.affine.copy(), bad_slices=bad, sources=sources)
+
+
+def _user_mask_array(user_mask, volume: Volume) -> np.ndarray:
+    if isinstance(user_mask, np.ndarray):
+        if user_mask.shape != volume.shape:
+            raise MedinpaintError(f"mask shape {user_mask.shape} does not match the volume {volume.shape}")
+        return user_mask > 0
+    mask_volume = load(user_mask)
+    if mask_volume.shape != volume.shape:
+        raise MedinpaintError(
+            f"{user_mask}: mask shape {mask_volume.shape} does not match the volume {volume.shape}"
+        )
+    if not np.allclose(mask_volume.affine, volume.affine, atol=1e-3):
+        raise MedinpaintError(f"{user_mask}: mask geometry (origin, spacing or direction) differs from the volume")
+    return np.nan_to_num(mask_volume.array) > 0

@@ -1,0 +1,126 @@
+"""Every setting, typed, with its default; YAML files are read here and nowhere else.
+
+``configs/inference.yaml`` and ``configs/train_*.yaml`` hold the same keys as these
+dataclasses; unknown keys are an error so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medinpaint.artifacts.slices import SliceDetection
+from medinpaint.errors import MedinpaintError
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    roi_size: tuple[int, int, int] = (96, 96, 32)
+    overlap: float = 0.25
+    sw_batch_size: int = 2
+    blend_mode: str = "gaussian"
+    context_voxels: int = 16  # valid context kept around the holes when cropping for inference
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # CPU threads for torch; 0 = torch's default
+
+
+@dataclass(frozen=True)
+class Settings:
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    slices: SliceDetection = field(default_factory=SliceDetection)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    ct: tuple[str, ...] = ()
+    mr: tuple[str, ...] = ()
+    folders: tuple[str, ...] = ()  # user scans (any readable format), e.g. for fine-tuning
+    real_repeat: int = 1  # draw each real (ct/mr) scan this many times as often as a procedural one
+    procedural_ct: int = 16
+    procedural_mr: int = 8
+    procedural_shape: tuple[int, int, int] = (112, 112, 72)
+
+
+@dataclass(frozen=True)
+class AdversarialSettings:
+    enabled: bool = False
+    weight: float = 0.005
+    start_step: int = 0
+    lr: float = 1e-4
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    seed: int = 0
+    output_dir: str = "runs/default"
+    steps: int = 2000
+    batch_size: int = 4
+    patches_per_volume: int = 4
+    patch_size: tuple[int, int, int] = (64, 64, 32)
+    crop_margin: float = 1.5  # crop this much larger than the patch before zooming
+    zoom_min: tuple[float, float, float] = (1.0, 1.0, 0.8)
+    zoom_max: tuple[float, float, float] = (2.5, 2.5, 1.3)
+    lr: float = 3e-4
+    weight_decay: float = 1e-5
+    features: tuple[int, ...] = (16, 16, 32, 64, 128, 16)
+    l1_weight: float = 1.0
+    ssim_weight: float = 0.1
+    slice_probability: float = 0.6
+    max_run: int = 5
+    validation_every: int = 200
+    validation_patches: int = 24
+    checkpoint_every: int = 200
+    threads: int = 0
+    device: str = "auto"
+    init: str | None = None  # a shipped model name or a .safetensors file to start from
+    data: DataSettings = field(default_factory=DataSettings)
+    adversarial: AdversarialSettings = field(default_factory=AdversarialSettings)
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    if not isinstance(values, dict):
+        raise MedinpaintError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise MedinpaintError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value or {}, f"{where}.{name}")
+        elif isinstance(default, tuple) and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise MedinpaintError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise MedinpaintError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    return data
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Inference settings: defaults, overridden by a YAML file when given."""
+    return Settings() if path is None else _build(Settings, read_yaml(path), str(path))
+
+
+def load_train_settings(path: str | Path, **overrides: Any) -> TrainSettings:
+    values = read_yaml(path)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return _build(TrainSettings, values, str(path))
+
+
+def as_dict(settings) -> dict:
+    return dataclasses.asdict(settings)

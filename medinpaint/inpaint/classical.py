@@ -1,0 +1,130 @@
+"""Classical fills: the baseline the network must beat, and the network's starting point.
+
+Whole bad slices are filled by interpolation along k between the nearest valid slices
+(linear, or cubic through four valid slices).  Any other region gets a harmonic
+(diffusion) fill: the smooth surface that matches the surrounding valid voxels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from scipy.interpolate import CubicSpline
+
+from medinpaint.errors import MedinpaintError
+
+
+def interpolate_slices(array: np.ndarray, bad_slices: list[int], order: str = "linear") -> np.ndarray:
+    """Fill whole slices ``bad_slices`` along the last axis from the valid ones."""
+    out = array.astype(np.float32, copy=True)
+    n_k = array.shape[2]
+    bad = set(bad_slices)
+    valid = [k for k in range(n_k) if k not in bad]
+    if not valid:
+        raise MedinpaintError("every slice is bad; nothing to interpolate from")
+    if not bad:
+        return out
+    targets = sorted(bad)
+    if order == "cubic" and len(valid) >= 4:
+        spline = CubicSpline(valid, array[:, :, valid].astype(np.float64), axis=2, bc_type="natural", extrapolate=False)
+        inside = [k for k in targets if valid[0] < k < valid[-1]]
+        if inside:
+            out[:, :, inside] = spline(inside).astype(np.float32)
+        targets = [k for k in targets if k not in inside]
+    for k in targets:
+        below = [v for v in valid if v < k]
+        above = [v for v in valid if v > k]
+        if below and above:
+            a, b = below[-1], above[0]
+            w = (k - a) / (b - a)
+            out[:, :, k] = (1 - w) * array[:, :, a] + w * array[:, :, b]
+        else:
+            out[:, :, k] = array[:, :, (below[-1] if below else above[0])]
+    return out
+
+
+def harmonic_fill(array: np.ndarray, mask: np.ndarray, iterations: int = 300) -> np.ndarray:
+    """Fill ``mask`` with a smooth surface matching its surroundings (Jacobi on the Laplace equation).
+
+    Starts from the nearest valid voxel, so a few hundred iterations converge even for
+    large holes; work is restricted to the mask's bounding box.
+    """
+    out = array.astype(np.float32, copy=True)
+    if not mask.any():
+        return out
+    if mask.all():
+        raise MedinpaintError("the whole volume is masked; nothing to fill from")
+    _, nearest = ndimage.distance_transform_edt(mask, return_indices=True)
+    out[mask] = array[tuple(idx[mask] for idx in nearest)]
+    box = bounding_box(mask, margin=1)
+    sub, sub_mask = out[box], mask[box]
+    kernel = np.zeros((3, 3, 3), dtype=np.float32)
+    kernel[1, 1, [0, 2]] = kernel[1, [0, 2], 1] = kernel[[0, 2], 1, 1] = 1 / 6
+    for _ in range(iterations):
+        smoothed = ndimage.convolve(sub, kernel, mode="nearest")
+        sub[sub_mask] = smoothed[sub_mask]
+    out[box] = sub
+    return out
+
+
+def classical_fill(array: np.ndarray, whole_slices: list[int], other: np.ndarray, order: str = "linear") -> np.ndarray:
+    """Slices by interpolation along k, then every other masked voxel by harmonic fill."""
+    filled = interpolate_slices(array, whole_slices, order=order)
+    other = other.copy()
+    other[:, :, whole_slices] = False
+    other |= ~np.isfinite(filled)  # NaN voxels of valid slices spread into interpolated ones
+    return harmonic_fill(filled, other) if other.any() else filled
+
+
+def pushpull_fill(image: torch.Tensor, mask: torch.Tensor, smooth_iterations: int = 10) -> torch.Tensor:
+    """Fill ``mask`` (1 = hole) of a (B, 1, D, H, W) tensor from a pyramid of masked averages."""
+    weight = 1.0 - mask
+    filled = _pull(image * weight, weight)
+    out = image * weight + filled * mask
+    kernel = torch.zeros((1, 1, 3, 3, 3), dtype=image.dtype, device=image.device)
+    kernel[0, 0, 1, 1, 0] = kernel[0, 0, 1, 1, 2] = kernel[0, 0, 1, 0, 1] = 1 / 6
+    kernel[0, 0, 1, 2, 1] = kernel[0, 0, 0, 1, 1] = kernel[0, 0, 2, 1, 1] = 1 / 6
+    for _ in range(smooth_iterations):
+        smoothed = F.conv3d(F.pad(out, (1, 1, 1, 1, 1, 1), mode="replicate"), kernel)
+        out = image * weight + smoothed * mask
+    return out
+
+
+def _pull(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    estimate = values / weight.clamp_min(1e-8)
+    if bool((weight > 0).all()) or min(values.shape[2:]) < 2:
+        return estimate
+    coarse = _pull(
+        F.avg_pool3d(values, 2, ceil_mode=True),
+        F.avg_pool3d(weight, 2, ceil_mode=True),
+    )
+    upsampled = F.interpolate(coarse, size=values.shape[2:], mode="trilinear", align_corners=False)
+    alpha = weight.clamp(0.0, 1.0)
+    return alpha * estimate + (1 - alpha) * upsampled
+
+
+def network_prefill(array: np.ndarray, whole_slices: list[int], other: np.ndarray) -> np.ndarray:
+    """The network's starting point: linear interpolation across slices, push-pull elsewhere.
+
+    Used identically in training and inference so the network always refines the same thing.
+    """
+    filled = interpolate_slices(array, whole_slices, order="linear")
+    other = other.copy()
+    other[:, :, whole_slices] = False
+    other |= ~np.isfinite(filled)
+    if not other.any():
+        return filled
+    box = bounding_box(other, margin=8)
+    sub = torch.from_numpy(np.nan_to_num(filled[box]))[None, None]
+    hole = torch.from_numpy(other[box].astype(np.float32))[None, None]
+    filled[box] = pushpull_fill(sub, hole)[0, 0].numpy()
+    return filled
+
+
+def bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    idx = np.nonzero(mask)
+    return tuple(
+        slice(max(int(i.min()) - margin, 0), min(int(i.max()) + margin + 1, n)) for i, n in zip(idx, mask.shape)
+    )

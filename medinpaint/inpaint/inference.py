@@ -1,0 +1,117 @@
+"""Network fill with MONAI sliding-window inference, run only where there are holes.
+
+The volume is normalised, pre-filled, cropped to the holes plus some valid context,
+and passed through ``monai.inferers.SlidingWindowInferer`` (Gaussian blending).  On
+CUDA the network runs under autocast (bf16 where supported, else fp16).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from monai.inferers import SlidingWindowInferer
+
+from medinpaint.config import InferenceSettings
+from medinpaint.errors import MedinpaintError
+from medinpaint.inpaint.classical import bounding_box, network_prefill
+from medinpaint.inpaint.network import SIZE_DIVISOR, InpaintingUNet
+from medinpaint.inpaint.normalize import Normalizer
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MedinpaintError("--device cuda asked for, but no CUDA device is available (use --device auto or cpu)")
+    if name not in ("cpu", "cuda"):
+        raise MedinpaintError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def _pad_to(array: np.ndarray, roi: tuple[int, ...]) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Mirror-pad each axis up to the ROI (the network saw mirrored, not empty, borders)."""
+    pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for s, r in zip(array.shape, roi)]
+    if not any(a or b for a, b in pads):
+        return array, tuple(slice(None) for _ in array.shape)
+    mode = "reflect" if all(max(p) < s for p, s in zip(pads, array.shape)) else "edge"
+    padded = np.pad(array, pads, mode=mode)
+    return padded, tuple(slice(a, a + s) for (a, _), s in zip(pads, array.shape))
+
+
+def network_fill(
+    array: np.ndarray,
+    holes: np.ndarray,
+    whole_slices: list[int],
+    modality: str,
+    model: InpaintingUNet,
+    settings: InferenceSettings,
+    device: torch.device,
+    progress: bool = False,
+    flip_axes: tuple[int, ...] = (),
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Return ``array`` with ``holes`` filled by the network (values in the input's units).
+
+    With ``flip_axes`` the prediction is averaged over flipped copies (test-time
+    augmentation) and the per-voxel standard deviation is returned as well.
+    """
+    if not holes.any():
+        return (array.copy(), np.zeros(array.shape, np.float32)) if flip_axes else array.copy()
+    roi = tuple(int(r) for r in settings.roi_size)
+    if any(r % SIZE_DIVISOR for r in roi):
+        raise MedinpaintError(f"roi_size {roi} must be a multiple of {SIZE_DIVISOR} on every axis")
+    normalizer = Normalizer.for_volume(array, modality, valid=~holes)
+    clean = np.where(holes | ~np.isfinite(array), 0.0, array).astype(np.float32)
+    normalized = normalizer.forward(clean)
+    other = holes.copy()
+    other[:, :, whole_slices] = False
+    prefilled = network_prefill(normalized, whole_slices, other)
+
+    box = bounding_box(holes, margin=settings.context_voxels)
+    image, inner = _pad_to(prefilled[box], roi)
+    mask, _ = _pad_to(holes[box].astype(np.float32), roi)
+    inferer = SlidingWindowInferer(
+        roi_size=roi,
+        sw_batch_size=settings.sw_batch_size,
+        overlap=settings.overlap,
+        mode=settings.blend_mode,
+        progress=progress,
+        sw_device=device,
+        device=torch.device("cpu"),
+    )
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        if device.type == "cuda"
+        else nullcontext()
+    )
+    model = model.to(device).eval()
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return model(x[:, :1], x[:, 1:2]).float()
+
+    predictions = []
+    for axes in ((),) + tuple((a,) for a in flip_axes):
+        x = np.stack([image, mask])[None]
+        if axes:
+            x = np.flip(x, axis=tuple(a + 2 for a in axes))
+        with torch.inference_mode(), autocast:
+            y = inferer(torch.from_numpy(np.ascontiguousarray(x)), predict)
+        y = y.float().numpy()[0, 0]
+        predictions.append(np.flip(y, axis=axes) if axes else y)
+    stacked = np.stack(predictions)
+    filled_box = stacked.mean(axis=0)[inner]
+
+    result = array.astype(np.float32, copy=True)
+    restored = normalizer.inverse(filled_box)
+    sub = result[box]
+    sub[holes[box]] = restored[holes[box]]
+    result[box] = sub
+    if not flip_axes:
+        return result
+    spread = np.zeros(array.shape, dtype=np.float32)
+    std = (stacked.std(axis=0)[inner] * normalizer.scale).astype(np.float32)
+    spread_box = spread[box]
+    spread_box[holes[box]] = std[holes[box]]
+    spread[box] = spread_box
+    return result, spread

@@ -1,0 +1,98 @@
+"""Shipped and user models: safetensors weights whose header carries the architecture.
+
+Loading never unpickles anything; a model is identified in provenance by its SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from medinpaint.errors import MedinpaintError
+from medinpaint.inpaint.network import InpaintingUNet
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL = "medinpaint-slices-v1"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: Path
+    sha256: str
+    features: tuple[int, ...]
+    metadata: dict
+
+    def describe(self) -> dict:
+        return {"name": self.name, "file": str(self.path), "sha256": self.sha256, **self.metadata}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve(name_or_path: str | None) -> Path:
+    name_or_path = name_or_path or DEFAULT_MODEL
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".safetensors":
+        if not candidate.is_file():
+            raise MedinpaintError(f"{candidate}: model file not found")
+        return candidate
+    shipped = MODELS_DIR / f"{name_or_path}.safetensors"
+    if not shipped.is_file():
+        names = ", ".join(m.name for m in list_models()) or "none"
+        raise MedinpaintError(f"unknown model {name_or_path!r}; shipped models: {names}")
+    return shipped
+
+
+def read_info(path: Path) -> ModelInfo:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types
+        raise MedinpaintError(f"{path}: not a readable safetensors file ({exc})") from None
+    if "features" not in meta:
+        raise MedinpaintError(f"{path}: no medinpaint architecture in the safetensors metadata")
+    features = tuple(json.loads(meta.pop("features")))
+    extra = {k: _maybe_json(v) for k, v in meta.items()}
+    return ModelInfo(name=meta.get("name", path.stem), path=path, sha256=sha256_of(path), features=features, metadata=extra)
+
+
+def _maybe_json(value: str):
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def list_models() -> list[ModelInfo]:
+    return [read_info(p) for p in sorted(MODELS_DIR.glob("*.safetensors"))]
+
+
+def load_model(name_or_path: str | None = None, device: torch.device | str = "cpu") -> tuple[InpaintingUNet, ModelInfo]:
+    path = resolve(name_or_path)
+    info = read_info(path)
+    model = InpaintingUNet(info.features)
+    state = load_file(str(path), device="cpu")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MedinpaintError(f"{path}: weights do not fit the architecture ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval(), info
+
+
+def save_model(model: InpaintingUNet, path: Path, **metadata) -> None:
+    meta = {"features": json.dumps(list(model.features))}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata=meta)

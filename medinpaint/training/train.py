@@ -1,0 +1,298 @@
+"""Self-supervised training: clean volumes are damaged on the fly and the network learns to fill them.
+
+Runs alone, or under ``torchrun`` with DistributedDataParallel (gloo on CPU, nccl on
+GPU): each rank draws its own random patches from a differently seeded pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.data import CacheDataset, DataLoader
+from monai.losses import SSIMLoss
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    RandSpatialCropSamplesd,
+    RandZoomd,
+    SpatialPadd,
+)
+from monai.utils import set_determinism
+from tqdm import tqdm
+
+from medinpaint import __version__
+from medinpaint.config import TrainSettings
+from medinpaint.data.find import find_cases
+from medinpaint.data.load import load
+from medinpaint.errors import MedinpaintError
+from medinpaint.inpaint.models import load_model, save_model
+from medinpaint.inpaint.network import InpaintingUNet
+from medinpaint.inpaint.normalize import Normalizer
+from medinpaint.training.damage import RandDamaged
+from medinpaint.training.procedural import procedural_volume
+
+
+class LoadNormalized(MapTransform):
+    """Read (or generate) a source volume and normalise it: the cached, deterministic step."""
+
+    def __init__(self) -> None:
+        super().__init__(keys="image")
+
+    def __call__(self, item: dict) -> dict:
+        if "procedural_seed" in item:
+            array = procedural_volume(item["procedural_seed"], tuple(item["shape"]), item["modality"])
+            modality = item["modality"]
+        else:
+            volume = load(item["path"], modality=item.get("modality"))
+            array, modality = np.nan_to_num(volume.array), volume.modality
+        normalizer = Normalizer.for_volume(array, modality)
+        return {"image": normalizer.forward(array)[None], "name": item.get("path", f"procedural-{item.get('procedural_seed')}")}
+
+
+def source_items(settings: TrainSettings) -> list[dict]:
+    data = settings.data
+    real = [{"path": p, "modality": "CT"} for p in data.ct] + [{"path": p, "modality": "MR"} for p in data.mr]
+    items = real * data.real_repeat
+    for folder in data.folders:
+        found = find_cases(Path(folder))
+        if not found:
+            raise MedinpaintError(f"{folder}: no readable volumes found for training")
+        items += [{"path": str(case)} for case in found]
+    seed = settings.seed * 10_000
+    items += [{"procedural_seed": seed + i, "modality": "CT", "shape": data.procedural_shape} for i in range(data.procedural_ct)]
+    items += [
+        {"procedural_seed": seed + 5_000 + i, "modality": "MR", "shape": data.procedural_shape}
+        for i in range(data.procedural_mr)
+    ]
+    if not items:
+        raise MedinpaintError("no training data: give data.ct, data.mr, data.folders or procedural volumes")
+    return items
+
+
+def patch_pipeline(settings: TrainSettings) -> Compose:
+    patch = tuple(settings.patch_size)
+    crop = tuple(int(math.ceil(p * settings.crop_margin)) for p in patch)
+    return Compose(
+        [
+            LoadNormalized(),
+            SpatialPadd(keys="image", spatial_size=crop, mode="reflect"),
+            RandSpatialCropd(keys="image", roi_size=crop, random_size=False),
+            RandZoomd(
+                keys="image", prob=0.8, min_zoom=settings.zoom_min, max_zoom=settings.zoom_max,
+                mode="trilinear", padding_mode="edge", keep_size=True,
+            ),
+            RandFlipd(keys="image", prob=0.5, spatial_axis=0),
+            RandFlipd(keys="image", prob=0.5, spatial_axis=1),
+            RandFlipd(keys="image", prob=0.5, spatial_axis=2),
+            RandRotate90d(keys="image", prob=0.5, spatial_axes=(0, 1)),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
+            RandSpatialCropSamplesd(keys="image", roi_size=patch, num_samples=settings.patches_per_volume, random_size=False),
+            RandDamaged(keys="image", slice_probability=settings.slice_probability, max_run=settings.max_run),
+        ]
+    )
+
+
+def _tensor(batch: dict, key: str, device: torch.device) -> torch.Tensor:
+    value = batch[key]
+    value = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
+    return value.to(device=device, dtype=torch.float32)
+
+
+def masked_l1(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (torch.abs(out - target) * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MedinpaintError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
+    """Train; return the path of the best exported model (safetensors)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    rank = int(os.environ.get("RANK", "0"))
+    device = _pick_device(settings.device)
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    set_determinism(seed=settings.seed + rank)
+    out_dir = Path(settings.output_dir)
+    main_process = rank == 0
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
+
+    items = source_items(settings)
+    pipeline = patch_pipeline(settings)
+    dataset = CacheDataset(items, transform=pipeline, progress=False, num_workers=1)
+    loader = DataLoader(dataset, batch_size=max(1, settings.batch_size // settings.patches_per_volume), shuffle=True, num_workers=1)
+
+    if settings.init:
+        model, _ = load_model(settings.init)
+        model = model.train()
+    else:
+        model = InpaintingUNet(tuple(settings.features))
+    model = model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=settings.steps, pct_start=0.05)
+    ssim = SSIMLoss(spatial_dims=3, data_range=2.0, win_size=7)
+    adversary = _Adversary(settings, device) if settings.adversarial.enabled else None
+
+    step, best = 0, math.inf
+    checkpoint = out_dir / "checkpoint.pt"
+    if resume and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, best = int(state["step"]), float(state["best"])
+        if adversary and "discriminator" in state:
+            adversary.load_state_dict(state)
+        log(f"resumed from {checkpoint} at step {step}")
+    trainable = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    validation = _validation_batches(settings, items) if main_process else []
+    writer = None
+    if main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+    progress = tqdm(total=settings.steps, initial=step, disable=not main_process, desc="training", unit="step")
+    started, running = time.time(), []
+    while step < settings.steps:
+        for batch in loader:
+            if step >= settings.steps:
+                break
+            image, mask, prefilled = (_tensor(batch, k, device) for k in ("image", "mask", "prefilled"))
+            trainable.train()
+            out = trainable(prefilled, mask)
+            l1 = masked_l1(out, image, mask)
+            loss = settings.l1_weight * l1 + settings.ssim_weight * ssim(out, image)
+            if adversary and step >= settings.adversarial.start_step:
+                loss = loss + adversary.generator_loss(out, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            if adversary and step >= settings.adversarial.start_step:
+                adversary.discriminator_step(out.detach(), image)
+            step += 1
+            running.append(l1.item())
+            progress.update(1)
+            if main_process and step % 20 == 0:
+                writer.add_scalar("train/masked_l1", float(np.mean(running)), step)
+                progress.set_postfix(masked_l1=f"{np.mean(running):.4f}")
+                running.clear()
+            if main_process and (step % settings.validation_every == 0 or step == settings.steps):
+                metrics = _validate(model, validation, device)
+                for key, value in metrics.items():
+                    writer.add_scalar(f"val/{key}", value, step)
+                log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                    + f" ({time.time() - started:.0f} s)")
+                if metrics["rmse_network"] < best:
+                    best = metrics["rmse_network"]
+                    save_model(model, out_dir / "best.safetensors", name=out_dir.name, steps=step,
+                               validation=metrics, trained_with=f"medinpaint {__version__}")
+            if main_process and (step % settings.checkpoint_every == 0 or step == settings.steps):
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "step": step, "best": best}
+                if adversary:
+                    state.update(adversary.state_dict())
+                tmp = checkpoint.with_suffix(".tmp")
+                torch.save(state, tmp)
+                os.replace(tmp, checkpoint)
+    progress.close()
+    if writer:
+        writer.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out_dir / "best.safetensors"
+
+
+def _validation_batches(settings: TrainSettings, items: list[dict]) -> list[dict]:
+    """A fixed set of damaged patches (own seed), the same at every validation."""
+    pipeline = patch_pipeline(settings)
+    pipeline.set_random_state(seed=settings.seed + 99_991)
+    batches = []
+    rng = np.random.default_rng(settings.seed + 99_991)
+    cache: dict[int, dict] = {}
+    loader = LoadNormalized()
+    random_part = Compose(pipeline.transforms[1:])
+    while len(batches) < settings.validation_patches:
+        index = int(rng.integers(len(items)))
+        if index not in cache:
+            cache[index] = loader(items[index])
+        for patch in random_part(dict(cache[index])):
+            batches.append({k: patch[k] for k in ("image", "mask", "prefilled")})
+    return batches[: settings.validation_patches]
+
+
+@torch.no_grad()
+def _validate(model: InpaintingUNet, batches: list[dict], device: torch.device) -> dict[str, float]:
+    model.eval()
+    sq_net = sq_pre = count = 0.0
+    for b in batches:
+        image, mask, prefilled = (torch.as_tensor(np.asarray(b[k]))[None].to(device, torch.float32) for k in ("image", "mask", "prefilled"))
+        out = model(prefilled, mask)
+        sq_net += float(((out - image) ** 2 * mask).sum())
+        sq_pre += float(((prefilled - image) ** 2 * mask).sum())
+        count += float(mask.sum())
+    rmse_net, rmse_pre = math.sqrt(sq_net / count), math.sqrt(sq_pre / count)
+    return {"rmse_network": rmse_net, "rmse_prefill": rmse_pre, "gain_db": 20 * math.log10(rmse_pre / max(rmse_net, 1e-12))}
+
+
+class _Adversary:
+    """Optional GAN stage: a MONAI PatchDiscriminator judges filled vs real patches."""
+
+    def __init__(self, settings: TrainSettings, device: torch.device) -> None:
+        from monai.losses import PatchAdversarialLoss
+        from monai.networks.nets import PatchDiscriminator
+
+        self.weight = settings.adversarial.weight
+        self.net = PatchDiscriminator(spatial_dims=3, num_layers_d=3, channels=16, in_channels=1).to(device)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=settings.adversarial.lr)
+        self.loss = PatchAdversarialLoss(criterion="least_squares")
+
+    def generator_loss(self, fake: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = self.net(fake)[-1]
+        return self.weight * self.loss(logits, target_is_real=True, for_discriminator=False)
+
+    def discriminator_step(self, fake: torch.Tensor, real: torch.Tensor) -> None:
+        loss = 0.5 * (
+            self.loss(self.net(fake)[-1], target_is_real=False, for_discriminator=True)
+            + self.loss(self.net(real)[-1], target_is_real=True, for_discriminator=True)
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def state_dict(self) -> dict:
+        return {"discriminator": self.net.state_dict(), "discriminator_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["discriminator"])
+        self.optimizer.load_state_dict(state["discriminator_optimizer"])
