@@ -24,7 +24,8 @@ class StagedOutputs:
     def path_for(self, final: str | Path, is_dir: bool = False) -> Path:
         """A temporary sibling of ``final`` to write into (a folder if ``is_dir``)."""
         final = Path(final)
-        if final.exists() and not self.overwrite:
+        empty_dir = is_dir and final.is_dir() and not any(final.iterdir())
+        if final.exists() and not self.overwrite and not empty_dir:
             raise MedinpaintError(f"{final}: already exists (pass --overwrite to replace it)")
         parent = final.parent
         if not parent.is_dir():

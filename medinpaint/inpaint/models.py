@@ -65,7 +65,7 @@ def read_info(path: Path) -> ModelInfo:
         raise MedinpaintError(f"{path}: no medinpaint architecture in the safetensors metadata")
     features = tuple(json.loads(meta.pop("features")))
     extra = {k: _maybe_json(v) for k, v in meta.items()}
-    return ModelInfo(name=meta.get("name", path.stem), path=path, sha256=sha256_of(path), features=features, metadata=extra)
+    return ModelInfo(name=path.stem, path=path, sha256=sha256_of(path), features=features, metadata=extra)
 
 
 def _maybe_json(value: str):

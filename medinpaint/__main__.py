@@ -1,0 +1,3 @@
+from medinpaint.cli.main import main
+
+raise SystemExit(main())

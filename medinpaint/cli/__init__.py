@@ -1,0 +1,1 @@
+"""The ``medinpaint`` command: a thin layer over the Python API."""

@@ -1,0 +1,189 @@
+"""One function per subcommand; each turns parsed arguments into API calls and prints a short report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from medinpaint.artifacts.find import find_artifacts
+from medinpaint.config import DataSettings, load_settings, load_train_settings, TrainSettings
+from medinpaint.correct import correct as correct_volume
+from medinpaint.data.atomic import StagedOutputs
+from medinpaint.data.dicom_series import list_series, summarize_series
+from medinpaint.data.load import format_of, load
+from medinpaint.data.save import write_file
+from medinpaint.errors import MedinpaintError
+from medinpaint.output import output_format, save, save_mask, split_name
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr)
+
+
+def _load(args: argparse.Namespace):
+    volume = load(args.input, series=args.series, modality=args.modality)
+    _say(args, f"loaded {args.input}: {volume.modality}, {'x'.join(map(str, volume.shape))} voxels, "
+               f"spacing {', '.join(f'{s:.3g}' for s in volume.spacing)} mm")
+    return volume
+
+
+def _artifacts(args: argparse.Namespace, volume, settings):
+    found = find_artifacts(volume, artifacts=args.artifacts, user_mask=args.mask, slice_settings=settings.slices)
+    counts = found.counts()
+    if counts:
+        slices = ", ".join(f"{k}:{v.name.lower()}" for k, v in sorted(found.bad_slices.items()))
+        _say(args, "found " + ", ".join(f"{n} {name} voxels" for name, n in counts.items())
+             + (f" (slices {slices})" if slices else ""))
+    else:
+        _say(args, "found nothing to repair")
+    return found
+
+
+def correct(args: argparse.Namespace) -> int:
+    output_format(args.output)  # fail on a bad OUTPUT name before any heavy work
+    settings = load_settings(args.config)
+    volume = _load(args)
+    found = _artifacts(args, volume, settings)
+    if found.synthesized.any():
+        _say(args, f"filling {int(found.synthesized.sum())} voxels ({args.method})")
+    result = correct_volume(
+        volume, found, method=args.method, model=args.model, settings=settings, device=args.device,
+        progress=not getattr(args, "quiet", False), uncertainty=args.uncertainty,
+    )
+    written = save(result, args.output, overwrite=args.overwrite)
+    _say(args, f"wrote {', '.join(str(p) for p in written.values())} ({result.seconds:.1f} s)")
+    return 0
+
+
+def mask(args: argparse.Namespace) -> int:
+    output_format(args.output)
+    settings = load_settings(args.config)
+    volume = _load(args)
+    found = _artifacts(args, volume, settings)
+    written = save_mask(found, volume, args.output, overwrite=args.overwrite)
+    _say(args, f"wrote {', '.join(str(p) for p in written.values())}")
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    path = Path(args.input)
+    if path.is_dir() and args.series is None:
+        series = list_series(path)
+        if len(series) > 1:
+            listing = [summarize_series(h) for h in series.values()]
+            if args.json:
+                print(json.dumps({"path": str(path), "series": listing}, indent=2))
+            else:
+                print(f"{path}: {len(series)} series (pick one with --series UID):")
+                for line in listing:
+                    print(f"  {line}")
+            return 0
+    volume = load(path, series=args.series, modality=args.modality)
+    found = find_artifacts(volume)
+    report = {"path": str(path)} | volume.describe() | {"problems": found.summary()}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{path}")
+    print(f"  format      {report['format']}" + (f"  series {report['series_uid']}" if report["series_uid"] else ""))
+    print(f"  modality    {report['modality']}")
+    print(f"  shape       {' x '.join(map(str, report['shape']))}")
+    print(f"  spacing     {' x '.join(f'{s:g}' for s in report['spacing_mm'])} mm")
+    print(f"  origin      {', '.join(f'{s:g}' for s in report['origin_ras_mm'])} mm (RAS)")
+    print(f"  direction   {report['direction_ras']} (RAS, columns = voxel axes)")
+    if report["oblique_stack"]:
+        print("  oblique     yes: gantry-tilted stack, kept oblique (sheared affine), not resampled")
+    if report["intensity_range"]:
+        lo, hi = report["intensity_range"]
+        print(f"  intensities {lo:g} .. {hi:g}")
+    problems = found.summary()
+    if problems["bad_slices"]:
+        print("  problems    " + ", ".join(f"slice {k}: {v}" for k, v in problems["bad_slices"].items()))
+    elif problems["voxels"]:
+        print("  problems    " + ", ".join(f"{n}: {v['count']} voxels" for n, v in problems["voxels"].items()))
+    else:
+        print("  problems    none found")
+    return 0
+
+
+def models(args: argparse.Namespace) -> int:
+    from medinpaint.inpaint.models import DEFAULT_MODEL, list_models
+
+    found = list_models()
+    if args.json:
+        print(json.dumps([m.describe() | {"default": m.name == DEFAULT_MODEL} for m in found], indent=2, default=str))
+        return 0
+    if not found:
+        raise MedinpaintError("no shipped models found in the package (broken installation?)")
+    for m in found:
+        marker = " (default)" if m.name == DEFAULT_MODEL else ""
+        validation = m.metadata.get("validation", {})
+        gain = f", validation gain over interpolation {validation['gain_db']:.2f} dB" if "gain_db" in validation else ""
+        print(f"{m.name}{marker}: {m.metadata.get('steps', '?')} steps{gain}, sha256 {m.sha256[:12]}, {m.path}")
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from medinpaint.training.train import train as run_training
+
+    overrides = {"steps": args.steps, "output_dir": args.output_dir, "init": args.init}
+    if args.config:
+        settings = load_train_settings(args.config, **overrides)
+        if args.data:
+            settings = _replace_data(settings, folders=tuple(args.data))
+    elif args.init and args.data:
+        # Fine-tuning on the user's own scans only, gently, from a trained model.
+        settings = TrainSettings(
+            output_dir=args.output_dir or "runs/finetune", steps=args.steps or 300, lr=1e-4, init=args.init,
+            data=DataSettings(folders=tuple(args.data), procedural_ct=0, procedural_mr=0),
+        )
+    else:
+        raise MedinpaintError("give --config YAML, or --init MODEL with --data FOLDER to fine-tune")
+    best = run_training(settings, resume=args.resume, log=lambda m: _say(args, m))
+    _say(args, f"best model: {best}")
+    return 0
+
+
+def _replace_data(settings: TrainSettings, **changes) -> TrainSettings:
+    from dataclasses import replace
+
+    return replace(settings, data=replace(settings.data, **changes))
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from medinpaint.simulate import simulate as damage
+
+    fmt = output_format(args.output)
+    if fmt == "dicom":
+        raise MedinpaintError(f"{args.output}: simulate writes a file; end the name with .nii.gz, .nrrd or .mha")
+    volume = _load(args)
+    damaged, truth = damage(volume, args.artifact, seed=args.seed, count=args.count, run=args.run)
+    out = Path(args.output)
+    stem, ext = split_name(out)
+    mask_path = out.with_name(f"{stem}_desc-damage_mask{ext}")
+    dtype = volume.source.stored_dtype if volume.source else None
+    with StagedOutputs(overwrite=args.overwrite) as staged:
+        write_file(damaged, staged.path_for(out), fmt, dtype, f"medinpaint simulate {args.artifact} seed {args.seed}")
+        write_file(volume.with_array(truth.astype(np.uint8)), staged.path_for(mask_path), fmt, "uint8", "medinpaint damage mask")
+    k = sorted(set(np.nonzero(truth.any(axis=(0, 1)))[0].tolist())) if args.artifact == "slices" else None
+    _say(args, f"wrote {out} and {mask_path}: {int(truth.sum())} damaged voxels" + (f" (slices {k})" if k else ""))
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from medinpaint.metrics import masked_metrics
+
+    reference = load(args.reference, modality=args.modality)
+    corrected = load(args.corrected, modality=reference.modality)
+    mask_volume = load(args.mask)
+    for name, other in (("CORRECTED", corrected), ("MASK", mask_volume)):
+        if not reference.same_grid(other):
+            raise MedinpaintError(f"{name} is not on the grid of REFERENCE (shape or geometry differ)")
+    metrics = masked_metrics(reference.array, corrected.array, np.nan_to_num(mask_volume.array) > 0, reference.modality)
+    print(json.dumps(metrics, indent=2))
+    return 0
