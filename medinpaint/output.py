@@ -17,7 +17,7 @@ from medinpaint.artifacts.labels import LABEL_NAMES
 from medinpaint.correct import Correction
 from medinpaint.data.atomic import StagedOutputs
 from medinpaint.data.load import ITK_SUFFIXES, NIFTI_SUFFIXES
-from medinpaint.data.save import write_file
+from medinpaint.data.save import storable_array, write_file
 from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError
 from medinpaint.provenance import build_provenance, input_sha256
@@ -104,8 +104,12 @@ def save(correction: Correction, output: str | Path, overwrite: bool = False) ->
 def _write_dicom_folder(correction: Correction, folder: Path, synthesized: np.ndarray, paths: dict) -> dict[str, Path]:
     from medinpaint.data.dicom_writer import write_dicom_series, write_seg
 
+    original = correction.original
+    dtype = original.source.stored_dtype if original.source else None
+    # Integer inputs stay integer, so acquired voxels are stored exactly (slope 1, intercept 0).
+    volume = correction.volume.with_array(storable_array(correction.volume.array, dtype).astype(np.float32))
     images = write_dicom_series(
-        correction.volume, folder, synthesized,
+        volume, folder, synthesized,
         description=f"medinpaint {correction.method} inpainting; synthesized voxels listed in synthesized_mask_seg.dcm",
     )
     written = {"volume": paths["volume"]}

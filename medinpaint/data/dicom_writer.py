@@ -63,7 +63,7 @@ def _new_base(volume: Volume, header: Dataset | None) -> Dataset:
                     "StudyDescription"):
         if header is not None and keyword in header:
             setattr(ds, keyword, header[keyword].value)
-    ds.PatientName = ds.get("PatientName", "ANONYMOUS")
+    ds.PatientName = ds.get("PatientName", "Anonymous^")
     ds.PatientID = ds.get("PatientID", "medinpaint")
     ds.PatientBirthDate = ds.get("PatientBirthDate", "")
     ds.PatientSex = ds.get("PatientSex", "")
@@ -116,6 +116,8 @@ def write_dicom_series(
     sources = volume.source.slice_files if volume.source and volume.source.format == "dicom" else ()
     placeholders = set(volume.placeholder_slices)
     now = datetime.now()
+    # Inputs without a DICOM header get one new study and frame of reference for the whole series.
+    shared_ids = {"StudyInstanceUID": generate_uid(), "FrameOfReferenceUID": generate_uid()}
     written = []
     for k in range(volume.shape[2]):
         template = _template(volume, k)
@@ -126,6 +128,9 @@ def write_dicom_series(
                     delattr(ds, keyword)
         else:
             ds = _new_base(volume, header)
+            for keyword, uid in shared_ids.items():
+                if header is None or keyword not in header:
+                    setattr(ds, keyword, uid)
         values = volume.array[:, :, k].T  # rows run along j
         slope, intercept, signed, bits = _pixel_encoding(template, volume.array)
         stored = np.rint((values - intercept) / slope)
