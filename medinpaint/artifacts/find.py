@@ -30,6 +30,17 @@ class ArtifactMask:
         """Boolean mask of the voxels that the filler replaces (everything but kept metal)."""
         return (self.labels > 0) & (self.labels != ArtifactKind.METAL)
 
+    @classmethod
+    def from_labels(cls, labels: np.ndarray, affine: np.ndarray, sources: list[str]) -> "ArtifactMask":
+        """Rebuild from a written label map: a slice entirely of one whole-slice kind is a bad slice."""
+        labels = np.asarray(labels).astype(np.uint8)
+        bad = {}
+        for k in range(labels.shape[2]):
+            value = int(labels[0, 0, k])
+            if value in LABEL_NAMES and ArtifactKind(value).whole_slice and (labels[:, :, k] == value).all():
+                bad[k] = ArtifactKind(value)
+        return cls(labels=labels, affine=np.asarray(affine, dtype=np.float64), bad_slices=bad, sources=sources)
+
     def counts(self) -> dict[str, int]:
         values, counts = np.unique(self.labels[self.labels > 0], return_counts=True)
         return {LABEL_NAMES[int(v)]: int(c) for v, c in zip(values, counts)}

@@ -1,0 +1,51 @@
+"""Shared fixtures: the real scans in ../shared/data and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medinpaint.cli.main import main
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data"
+SAMPLE = REPO / "sample_data"
+
+
+def shared(name: str) -> Path:
+    path = DATA / name
+    if not path.exists():
+        pytest.skip(f"shared test data {path} not present")
+    return path
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``medinpaint ARGS`` in-process; return (exit code, stdout, stderr)."""
+
+    def run(*args: str):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def blank_slices(array: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    rng = np.random.default_rng(seed)
+    ks = sorted(rng.choice(np.arange(2, array.shape[2] - 2), size=count, replace=False).tolist())
+    damaged = array.copy()
+    damaged[:, :, ks] = float(np.nanmin(array))
+    return damaged, ks
