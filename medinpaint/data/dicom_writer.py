@@ -10,6 +10,7 @@ highdicom, which validates it on construction.
 from __future__ import annotations
 
 import copy
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -63,17 +64,7 @@ def _new_base(volume: Volume, header: Dataset | None) -> Dataset:
                     "StudyDescription"):
         if header is not None and keyword in header:
             setattr(ds, keyword, header[keyword].value)
-    ds.PatientName = ds.get("PatientName", "Anonymous^")
-    ds.PatientID = ds.get("PatientID", "medinpaint")
-    ds.PatientBirthDate = ds.get("PatientBirthDate", "")
-    ds.PatientSex = ds.get("PatientSex", "")
-    ds.StudyInstanceUID = ds.get("StudyInstanceUID", generate_uid())
-    ds.FrameOfReferenceUID = ds.get("FrameOfReferenceUID", generate_uid())
-    ds.StudyID = ds.get("StudyID", "1")
-    ds.AccessionNumber = ds.get("AccessionNumber", "")
-    ds.ReferringPhysicianName = ds.get("ReferringPhysicianName", "")
-    ds.StudyDate = ds.get("StudyDate", datetime.now().strftime("%Y%m%d"))
-    ds.StudyTime = ds.get("StudyTime", datetime.now().strftime("%H%M%S"))
+    _ensure_patient_and_study(ds)
     ds.Manufacturer = "medinpaint"
     ds.PositionReferenceIndicator = ""
     ds.SamplesPerPixel = 1
@@ -85,6 +76,18 @@ def _new_base(volume: Volume, header: Dataset | None) -> Dataset:
         ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = "RM", "NONE", ""
         ds.MRAcquisitionType, ds.EchoTime, ds.RepetitionTime, ds.EchoTrainLength = "3D", "", "", ""
     return ds
+
+
+def _ensure_patient_and_study(ds: Dataset) -> None:
+    """Fill the type-2 patient/study attributes that anonymised sources often drop (SEG needs them)."""
+    defaults = {
+        "PatientName": "Anonymous^", "PatientID": "medinpaint", "PatientBirthDate": "", "PatientSex": "",
+        "StudyID": "1", "AccessionNumber": "", "ReferringPhysicianName": "",
+        "StudyDate": datetime.now().strftime("%Y%m%d"), "StudyTime": datetime.now().strftime("%H%M%S"),
+    }
+    for keyword, value in defaults.items():
+        if keyword not in ds:
+            setattr(ds, keyword, value)
 
 
 def _pixel_encoding(template: Dataset | None, values: np.ndarray) -> tuple[float, float, bool, int]:
@@ -126,11 +129,16 @@ def write_dicom_series(
             for keyword in _PER_INSTANCE:
                 if keyword in ds:
                     delattr(ds, keyword)
+            if not ds.get("SOPClassUID"):  # some anonymisers empty it; the file meta still knows
+                meta = getattr(template, "file_meta", None)
+                ds.SOPClassUID = (meta.get("MediaStorageSOPClassUID") if meta else None) or {
+                    "CT": CT_IMAGE_STORAGE, "MR": MR_IMAGE_STORAGE}.get(volume.modality, SECONDARY_CAPTURE)
         else:
             ds = _new_base(volume, header)
-            for keyword, uid in shared_ids.items():
-                if header is None or keyword not in header:
-                    setattr(ds, keyword, uid)
+        for keyword, uid in shared_ids.items():
+            if keyword not in ds:
+                setattr(ds, keyword, uid)
+        _ensure_patient_and_study(ds)
         values = volume.array[:, :, k].T  # rows run along j
         slope, intercept, signed, bits = _pixel_encoding(template, volume.array)
         stored = np.rint((values - intercept) / slope)
@@ -171,10 +179,10 @@ def write_dicom_series(
         if sources and sources[k] is not None and k not in placeholders:
             original_ds = pydicom.dcmread(sources[k], stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
             ref = Dataset()
-            ref.ReferencedSOPClassUID = original_ds.SOPClassUID
+            ref.ReferencedSOPClassUID = original_ds.get("SOPClassUID") or ds.SOPClassUID
             ref.ReferencedSOPInstanceUID = original_ds.SOPInstanceUID
             ds.SourceImageSequence = Sequence([ref])
-        ds.PixelData = stored.tobytes()
+        ds.add_new(0x7FE00010, "OW", stored.tobytes())  # explicit VR: templates read as implicit VR leave it ambiguous
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -208,7 +216,14 @@ def write_seg(images: list[Dataset], labels: np.ndarray, path: Path) -> None:
             )
         )
         frames[np.transpose(labels, (2, 1, 0)) == value] = number
-    seg = hd.seg.Segmentation(
+    with warnings.catch_warnings():  # names like "dicom2nifti" in anonymised sources are not ours to fix
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+        seg = _segmentation(images, frames, segments)
+    seg.save_as(path)
+
+
+def _segmentation(images: list[Dataset], frames: np.ndarray, segments: list) -> hd.seg.Segmentation:
+    return hd.seg.Segmentation(
         source_images=images,
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -223,4 +238,3 @@ def write_seg(images: list[Dataset], labels: np.ndarray, path: Path) -> None:
         device_serial_number="0",
         series_description="medinpaint synthesized voxels",
     )
-    seg.save_as(path)
