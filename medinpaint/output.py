@@ -15,7 +15,7 @@ from medinpaint import __version__
 from medinpaint.artifacts.find import ArtifactMask
 from medinpaint.artifacts.labels import LABEL_NAMES
 from medinpaint.correct import Correction
-from medinpaint.data.atomic import StagedOutputs
+from medinpaint.data.atomic import StagedOutputs, check_writable
 from medinpaint.data.load import ITK_SUFFIXES, NIFTI_SUFFIXES
 from medinpaint.data.save import storable_array, write_file
 from medinpaint.data.volume import Volume
@@ -69,6 +69,18 @@ def companion_paths(output: str | Path) -> dict[str, Path]:
         "uncertainty": output.with_name(f"{stem}_desc-uncertainty{ext}"),
         "provenance": output.with_name(f"{stem}.json"),
     }
+
+
+def check_outputs(output: str | Path, overwrite: bool = False, with_mask_only: bool = False) -> None:
+    """Fail early (before loading and inference) on an output that could not be written."""
+    output = Path(output)
+    fmt = output_format(output)
+    if fmt == "dicom":
+        check_writable(output, overwrite, is_dir=True)
+        return
+    paths = companion_paths(output)
+    for key in ("volume", "provenance") if with_mask_only else ("volume", "mask", "provenance"):
+        check_writable(paths[key], overwrite)
 
 
 def save(correction: Correction, output: str | Path, overwrite: bool = False) -> dict[str, Path]:

@@ -17,7 +17,7 @@ from medinpaint.data.dicom_series import list_series, summarize_series
 from medinpaint.data.load import format_of, load
 from medinpaint.data.save import write_file
 from medinpaint.errors import MedinpaintError
-from medinpaint.output import output_format, save, save_mask, split_name
+from medinpaint.output import check_outputs, output_format, save, save_mask, split_name
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
@@ -45,7 +45,7 @@ def _artifacts(args: argparse.Namespace, volume, settings):
 
 
 def correct(args: argparse.Namespace) -> int:
-    output_format(args.output)  # fail on a bad OUTPUT name before any heavy work
+    check_outputs(args.output, args.overwrite)  # fail on a bad OUTPUT before any heavy work
     settings = load_settings(args.config)
     volume = _load(args)
     found = _artifacts(args, volume, settings)
@@ -61,7 +61,9 @@ def correct(args: argparse.Namespace) -> int:
 
 
 def mask(args: argparse.Namespace) -> int:
-    output_format(args.output)
+    if output_format(args.output) == "dicom":
+        raise MedinpaintError(f"{args.output}: the mask is written as a file; end the name with .nii.gz, .nrrd or .mha")
+    check_outputs(args.output, args.overwrite, with_mask_only=True)
     settings = load_settings(args.config)
     volume = _load(args)
     found = _artifacts(args, volume, settings)
@@ -161,6 +163,7 @@ def simulate(args: argparse.Namespace) -> int:
     fmt = output_format(args.output)
     if fmt == "dicom":
         raise MedinpaintError(f"{args.output}: simulate writes a file; end the name with .nii.gz, .nrrd or .mha")
+    check_outputs(args.output, args.overwrite, with_mask_only=True)
     volume = _load(args)
     damaged, truth = damage(volume, args.artifact, seed=args.seed, count=args.count, run=args.run)
     out = Path(args.output)

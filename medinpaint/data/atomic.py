@@ -14,6 +14,13 @@ from pathlib import Path
 from medinpaint.errors import MedinpaintError
 
 
+def check_writable(final: str | Path, overwrite: bool = False, is_dir: bool = False) -> None:
+    """Fail before any heavy work if ``final`` could not be written (really tries, so it holds for root too)."""
+    with StagedOutputs(overwrite=overwrite) as probe:
+        probe.path_for(final, is_dir=is_dir)
+        probe.discard()
+
+
 class StagedOutputs:
     """Collect outputs under temporary names; ``commit()`` renames them all, in order."""
 
@@ -41,7 +48,7 @@ class StagedOutputs:
                 os.close(fd)
                 tmp = Path(name)
         except OSError as exc:
-            raise MedinpaintError(f"{parent}: cannot write there ({exc.strerror})") from None
+            raise MedinpaintError(f"{parent}: cannot create files in this folder ({exc.strerror})") from None
         self._staged.append((tmp, final))
         return tmp
 
