@@ -36,7 +36,9 @@ def like(image, array: np.ndarray, channel: bool):
     data = array[None] if channel else array
     tensor = torch.as_tensor(np.ascontiguousarray(data))
     if isinstance(image, MetaTensor):
-        return MetaTensor(tensor, affine=image.affine, meta=dict(image.meta))
+        wrapped = MetaTensor(tensor)
+        wrapped.copy_meta_from(image)  # affine and the rest of the metadata, unchanged
+        return wrapped
     if isinstance(image, torch.Tensor):
         return tensor
     return data
