@@ -143,6 +143,8 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
+        launch = {"world_size": world, "backend": dist.get_backend() if world > 1 else None, "device": str(device)}
+        (out_dir / "launch.json").write_text(json.dumps(launch, indent=2))
 
     items = source_items(settings)
     pipeline = patch_pipeline(settings)
@@ -166,8 +168,13 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         step, best = int(state["step"]), float(state["best"])
+        if state["scheduler"].get("total_steps") == settings.steps:
+            scheduler.load_state_dict(state["scheduler"])
+        elif step < settings.steps:  # training extended: a new one-cycle schedule over the remaining steps
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=settings.lr, total_steps=settings.steps - step, pct_start=0.05)
+            log(f"steps changed to {settings.steps}: new learning-rate schedule for the last {settings.steps - step}")
         if adversary and "discriminator" in state:
             adversary.load_state_dict(state)
         log(f"resumed from {checkpoint} at step {step}")

@@ -1,0 +1,108 @@
+"""Training runs for real (tiny), resumes, fine-tunes, and runs under torchrun with 2 gloo processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medinpaint.inpaint.models import load_model, read_info
+from medinpaint.training.damage import RandDamaged
+from medinpaint.training.procedural import procedural_volume
+
+from conftest import REPO, SAMPLE
+
+TINY = """\
+seed: 3
+output_dir: {out}
+steps: {steps}
+batch_size: 2
+patches_per_volume: 2
+patch_size: [32, 32, 16]
+lr: 0.001
+features: [8, 8, 16, 16, 32, 8]
+validation_every: 2
+validation_patches: 2
+checkpoint_every: 2
+threads: 1
+data:
+  procedural_ct: 2
+  procedural_mr: 1
+  procedural_shape: [48, 48, 24]
+"""
+
+
+def _config(tmp_path, steps, out="run"):
+    path = tmp_path / f"tiny_{steps}.yaml"
+    path.write_text(TINY.format(out=tmp_path / out, steps=steps))
+    return path
+
+
+def test_procedural_volumes_look_like_ct_and_mr():
+    ct = procedural_volume(1, (64, 64, 32), "CT")
+    mr = procedural_volume(1, (64, 64, 32), "MR")
+    assert ct.shape == mr.shape == (64, 64, 32)
+    assert ct.min() <= -900 and ct.max() >= 700  # air outside, bone shells inside (HU)
+    assert (ct > -200).mean() > 0.2  # a body, not an empty box
+    assert mr.min() >= 0 and np.isfinite(mr).all()
+    assert not np.array_equal(ct, procedural_volume(2, (64, 64, 32), "CT"))
+
+
+def test_damage_transform_masks_and_prefills():
+    image = procedural_volume(0, (32, 32, 16), "MR")[None].astype(np.float32)
+    damage = RandDamaged(slice_probability=1.0)
+    damage.set_random_state(0)
+    out = damage({"image": image})
+    mask = out["mask"][0] > 0
+    assert mask.any() and out["slices"].any()
+    assert np.array_equal(out["prefilled"][0][~mask], image[0][~mask])
+
+
+def test_train_resume_and_finetune(cli, tmp_path):
+    code, _, err = cli("--quiet", "train", "--config", _config(tmp_path, 2))
+    assert code == 0, err
+    run = tmp_path / "run"
+    assert (run / "checkpoint.pt").exists() and (run / "best.safetensors").exists()
+    assert any((run / "tensorboard").iterdir())
+    first = load_file(str(run / "best.safetensors"))
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+
+    code, _, err = cli("--quiet", "train", "--config", _config(tmp_path, 4), "--resume")
+    assert code == 0, err
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4
+    assert any(not torch.equal(first[k], state["model"][k]) for k in first)  # it kept learning
+    info = read_info(run / "best.safetensors")
+    assert info.features == (8, 8, 16, 16, 32, 8) and "gain_db" in info.metadata["validation"]
+    load_model(run / "best.safetensors")  # no pickle, architecture from the header
+
+    data = tmp_path / "my_scans"
+    data.mkdir()
+    (data / "ct.nii.gz").write_bytes((SAMPLE / "ct_abdomen_3mm.nii.gz").read_bytes())
+    code, _, err = cli("--quiet", "train", "--init", run / "best.safetensors", "--data", data,
+                       "--steps", "2", "--output-dir", tmp_path / "finetuned")
+    assert code == 0, err
+    tuned = json.loads((tmp_path / "finetuned" / "settings.json").read_text())
+    assert tuned["init"] == str(run / "best.safetensors") and tuned["data"]["folders"] == [str(data)]
+    assert (tmp_path / "finetuned" / "best.safetensors").exists()
+
+
+def test_torchrun_two_cpu_processes_on_gloo(tmp_path):
+    config = _config(tmp_path, 2, out="ddp")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "medinpaint.cli.main", "--quiet", "train", "--config", str(config)],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2
+    log = json.loads((tmp_path / "ddp" / "settings.json").read_text())
+    assert log["steps"] == 2
+    launch = json.loads((tmp_path / "ddp" / "launch.json").read_text())
+    assert launch == {"world_size": 2, "backend": "gloo", "device": "cpu"}
