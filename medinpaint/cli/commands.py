@@ -60,6 +60,56 @@ def correct(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_CASES_FAILED = 3
+
+
+def batch(args: argparse.Namespace) -> int:
+    from medinpaint.batch import list_cases, merge_shards, parse_shard, run_batch, write_summary
+    from medinpaint.report import write_index
+
+    settings = load_settings(args.config)
+    cases = list_cases(Path(args.input))
+    if not cases:
+        raise MedinpaintError(f"{args.input}: no volumes or DICOM series found")
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MedinpaintError(f"{out_dir}: exists and is not a folder")
+    index, count = parse_shard(args.shard)
+    torchrun = args.shard is None and count > 1
+    if torchrun:
+        import torch.distributed as dist
+
+        dist.init_process_group(backend="gloo")
+    suffix = "dicom" if args.format == "dicom" else "." + args.format
+    _say(args, f"{len(cases)} cases" + (f"; shard {index}/{count} takes {len(cases[index::count])}" if count > 1 else ""))
+    results = run_batch(
+        cases, out_dir, shard=(index, count), method=args.method, model=args.model, device=args.device,
+        settings=settings, suffix=suffix, workers=args.workers, report=args.report, progress=not getattr(args, "quiet", False),
+    )
+    if count > 1:
+        write_summary(results, out_dir, name=f"summary-shard-{index}-of-{count}")
+    if torchrun:
+        dist.barrier()  # every rank has written its shard summary
+    merged = results
+    if count > 1 and (not torchrun or index == 0):
+        merged, found = merge_shards(out_dir, count)
+        if found < count:  # a job array: the last shard to finish writes the complete summary
+            merged = None
+    if merged is not None and (not torchrun or index == 0):
+        csv_path, _ = write_summary(merged, out_dir)
+        if args.report:
+            write_index(merged, out_dir)
+        counts = {s: sum(r.status == s for r in merged) for s in ("done", "skipped", "failed")}
+        _say(args, f"{counts['done']} corrected, {counts['skipped']} already done, {counts['failed']} failed; summary: {csv_path}")
+    if torchrun:
+        dist.barrier()
+        dist.destroy_process_group()
+    for r in results:
+        if r.status == "failed":
+            _say(args, f"failed: {r.case}: {r.reason}")
+    return EXIT_CASES_FAILED if any(r.status == "failed" for r in results) else 0
+
+
 def mask(args: argparse.Namespace) -> int:
     if output_format(args.output) == "dicom":
         raise MedinpaintError(f"{args.output}: the mask is written as a file; end the name with .nii.gz, .nrrd or .mha")

@@ -10,7 +10,7 @@ from medinpaint import __version__
 from medinpaint.cli import commands
 from medinpaint.errors import MedinpaintError
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # batch: 3 when some case failed
 
 DESCRIPTION = """\
 Repair damaged CT and MR volumes and record exactly which voxels were synthesized.
@@ -79,6 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detection(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(handler=commands.mask)
+
+    p = sub.add_parser("batch", parents=[common], help="correct every case in a folder or CSV manifest (resumable, shardable)",
+                       description="Correct every volume file and DICOM series found under INPUT (recursively), or listed in a "
+                       "CSV manifest (columns: path, optional id and series). Finished cases (complete outputs whose provenance "
+                       "matches the input's SHA-256) are skipped, so a killed run resumes where it stopped. Failing cases are "
+                       "recorded and the rest go on. Writes OUTPUT_DIR/summary.csv and summary.json; exit status 3 when any case "
+                       "failed. Split over a job array with --shard I/N; under torchrun each rank takes its own shard.")
+    p.add_argument("input", metavar="INPUT", help="folder of scans, or a .csv manifest")
+    p.add_argument("output", metavar="OUTPUT_DIR", help="folder for the corrected cases (created if needed)")
+    p.add_argument("--format", default="nii.gz", choices=("nii.gz", "nii", "nrrd", "mha", "dicom"), help="output format per case (default nii.gz)")
+    p.add_argument("--method", default="network", choices=("network", "classical"), help="fill method (default network)")
+    p.add_argument("--model", metavar="NAME_OR_PATH", help="a shipped model name or a .safetensors file")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the network runs (default auto)")
+    p.add_argument("--config", metavar="YAML", help="settings file (see configs/inference.yaml)")
+    p.add_argument("--shard", metavar="I/N", help="process only cases I, I+N, I+2N, ... (0-based); default: the torchrun rank, else all")
+    p.add_argument("--workers", type=int, default=2, help="threads loading the next cases while one is filled (default 2)")
+    p.add_argument("--report", action="store_true", help="write a QA picture per case and report/index.html")
+    p.set_defaults(handler=commands.batch)
 
     p = sub.add_parser("info", parents=[common], help="geometry, modality, series and problems found")
     _add_input(p)

@@ -1,0 +1,131 @@
+"""Dataset mode: failures recorded, resume after a finished or a killed run, shards, torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import medinpaint
+from medinpaint.data.save import write_file
+
+from conftest import REPO, SAMPLE, files_under, shared
+
+
+def _dataset(root, n_nifti=1):
+    root.mkdir()
+    for i in range(n_nifti):
+        (root / f"ct_{i}.nii.gz").write_bytes((SAMPLE / "ct_abdomen_3mm_damaged.nii.gz").read_bytes())
+    return root
+
+
+def _summary(out):
+    with open(out / "summary.csv", newline="") as fh:
+        return {row["case"]: row for row in csv.DictReader(fh)}
+
+
+def test_mixed_folder_two_corrected_one_failure_then_resume(cli, tmp_path):
+    data = _dataset(tmp_path / "in")
+    series = data / "patient" / "series"
+    series.parent.mkdir()
+    subprocess.run(["cp", "-r", str(shared("io_edge_cases/failing_sliceincrement_002")), str(series)], check=True)
+    (data / "corrupt.nii.gz").write_bytes((SAMPLE / "ct_abdomen_3mm.nii.gz").read_bytes()[:50_000])
+    out = tmp_path / "out"
+
+    code, _, err = cli("--quiet", "batch", data, out, "--method", "classical", "--report")
+    assert code == 3, err
+    rows = _summary(out)
+    assert {k: r["status"] for k, r in rows.items()} == {"corrupt": "failed", "ct_0": "done", "patient__series": "done"}
+    assert "truncated" in rows["corrupt"]["reason"] or "cannot read" in rows["corrupt"]["reason"]
+    assert rows["patient__series"]["artifacts"] == "missing_slice:262144"
+    assert float(rows["ct_0"]["synthesized_fraction"]) > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 1}
+    for case in ("ct_0", "patient__series"):
+        fixed = medinpaint.load(out / f"{case}.nii.gz")
+        assert json.loads((out / f"{case}.json").read_text())["SynthesizedVoxels"]["count"] > 0
+        assert np.isfinite(fixed.array).all()
+    assert (out / "report" / "ct_0.png").stat().st_size > 10_000
+    assert "ct_0.png" in (out / "report" / "index.html").read_text()
+
+    stamp = (out / "ct_0.nii.gz").stat().st_mtime_ns
+    code, _, _ = cli("--quiet", "batch", data, out, "--method", "classical")
+    assert code == 3
+    rows = _summary(out)
+    assert rows["ct_0"]["status"] == rows["patient__series"]["status"] == "skipped"
+    assert (out / "ct_0.nii.gz").stat().st_mtime_ns == stamp
+
+    # A changed input is not "done": its hash no longer matches the provenance.
+    volume = medinpaint.load(data / "ct_0.nii.gz")
+    write_file(volume.with_array(volume.array + 1), data / "ct_0.nii.gz", "nifti", "int32")
+    cli("--quiet", "batch", data, out, "--method", "classical")
+    assert _summary(out)["ct_0"]["status"] == "done"
+
+
+def test_killed_run_leaves_valid_outputs_and_resumes(tmp_path):
+    data = _dataset(tmp_path / "in", n_nifti=8)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "medinpaint", "--quiet", "batch", str(data), str(out), "--method", "classical"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out.exists() and list(out.glob("ct_*.json"))):
+        time.sleep(0.02)  # kill as soon as the first case is complete: the rest are mid-flight
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "summary.csv").exists(), "the run finished before it could be killed"
+    finished = sorted(p.name[:-5] for p in out.glob("ct_*.json"))
+    assert 1 <= len(finished) < 8
+    for name in files_under(out):  # every visible output is complete and readable
+        if not name.startswith(".") and name.endswith(".nii.gz"):
+            medinpaint.load(out / name)
+
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = _summary(out)
+    assert len(rows) == 8
+    assert sorted(k for k, r in rows.items() if r["status"] == "skipped") == finished
+    assert all(r["status"] in ("done", "skipped") for r in rows.values())
+    assert not [n for n in files_under(out) if ".partial-" in n]
+
+
+def test_two_shards_cover_every_case_once(cli, tmp_path):
+    data = _dataset(tmp_path / "in", n_nifti=5)
+    out = tmp_path / "out"
+    assert cli("--quiet", "batch", data, out, "--method", "classical", "--shard", "0/2")[0] == 0
+    assert not (out / "summary.csv").exists()  # only half the cases are done
+    assert cli("--quiet", "batch", data, out, "--method", "classical", "--shard", "1/2")[0] == 0
+    first = json.loads((out / "summary-shard-0-of-2.json").read_text())["cases"]
+    second = json.loads((out / "summary-shard-1-of-2.json").read_text())["cases"]
+    a, b = {r["case"] for r in first}, {r["case"] for r in second}
+    assert not a & b and a | b == {f"ct_{i}" for i in range(5)}
+    assert {k: r["status"] for k, r in _summary(out).items()} == {f"ct_{i}": "done" for i in range(5)}
+
+
+def test_torchrun_ranks_split_the_cases(tmp_path):
+    data = _dataset(tmp_path / "in", n_nifti=4)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "medinpaint.cli.main", "--quiet", "batch", str(data), str(out), "--method", "classical"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = [{r["case"] for r in json.loads((out / f"summary-shard-{i}-of-2.json").read_text())["cases"]} for i in range(2)]
+    assert ranks[0] and ranks[1] and not ranks[0] & ranks[1]
+    assert set(_summary(out)) == ranks[0] | ranks[1] == {f"ct_{i}" for i in range(4)}
+
+
+def test_csv_manifest_and_bad_shard(cli, tmp_path):
+    data = _dataset(tmp_path / "in", n_nifti=2)
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("id,path\nfirst,in/ct_1.nii.gz\n")
+    out = tmp_path / "out"
+    assert cli("--quiet", "batch", manifest, out, "--method", "classical")[0] == 0
+    assert set(_summary(out)) == {"first"} and (out / "first.nii.gz").exists()
+    code, _, err = cli("batch", data, out, "--shard", "2/2")
+    assert code == 2 and err.startswith("error: --shard")
