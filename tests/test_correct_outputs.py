@@ -106,7 +106,7 @@ def test_missing_instance_filled_into_a_dicom_series(cli, tmp_path):
 
     # Read back by SimpleITK and by medinpaint: the original geometry, the acquired voxels unchanged.
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(out)))
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(out), slices[0].SeriesInstanceUID))  # the SEG is its own series
     image = reader.Execute()
     assert image.GetSize() == original.shape
     again = medinpaint.load(out)

@@ -12,10 +12,12 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from monai.inferers import SlidingWindowInferer
+from scipy import ndimage
+from tqdm import tqdm
 
 from medinpaint.config import InferenceSettings
 from medinpaint.errors import MedinpaintError
-from medinpaint.inpaint.classical import bounding_box, network_prefill
+from medinpaint.inpaint.classical import network_prefill
 from medinpaint.inpaint.network import SIZE_DIVISOR, InpaintingUNet
 from medinpaint.inpaint.normalize import Normalizer
 
@@ -68,9 +70,6 @@ def network_fill(
     other[:, :, whole_slices] = False
     prefilled = network_prefill(normalized, whole_slices, other)
 
-    box = bounding_box(holes, margin=settings.context_voxels)
-    image, inner = _pad_to(prefilled[box], roi)
-    mask, _ = _pad_to(holes[box].astype(np.float32), roi)
     inferer = SlidingWindowInferer(
         roi_size=roi,
         sw_batch_size=settings.sw_batch_size,
@@ -88,30 +87,66 @@ def network_fill(
     model = model.to(device).eval()
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        return model(x[:, :1], x[:, 1:2]).float()
+        # Windows without a hole keep their input: the network would return it unchanged anyway
+        # (its output is prefilled + mask * correction), so they are not run at all.
+        out = x[:, :1].clone()
+        has_hole = x[:, 1].flatten(1).amax(dim=1) > 0
+        if has_hole.any():
+            out[has_hole] = model(x[has_hole, :1], x[has_hole, 1:2]).to(out.dtype)
+        return out
 
-    predictions = []
-    for axes in ((),) + tuple((a,) for a in flip_axes):
-        x = np.stack([image, mask])[None]
-        if axes:
-            x = np.flip(x, axis=tuple(a + 2 for a in axes))
-        with torch.inference_mode(), autocast:
-            y = inferer(torch.from_numpy(np.ascontiguousarray(x)), predict)
-        y = y.float().numpy()[0, 0]
-        predictions.append(np.flip(y, axis=axes) if axes else y)
-    stacked = np.stack(predictions)
-    filled_box = stacked.mean(axis=0)[inner]
-
+    margins = [min(settings.context_voxels, (r - 1) // 2) for r in roi]
+    boxes = hole_boxes(holes, margins)
     result = array.astype(np.float32, copy=True)
-    restored = normalizer.inverse(filled_box)
-    sub = result[box]
-    sub[holes[box]] = restored[holes[box]]
-    result[box] = sub
-    if not flip_axes:
-        return result
-    spread = np.zeros(array.shape, dtype=np.float32)
-    std = (stacked.std(axis=0)[inner] * normalizer.scale).astype(np.float32)
-    spread_box = spread[box]
-    spread_box[holes[box]] = std[holes[box]]
-    spread[box] = spread_box
-    return result, spread
+    spread = np.zeros(array.shape, dtype=np.float32) if flip_axes else None
+    bar = tqdm(total=len(boxes) * (1 + len(flip_axes)), desc="inpainting", unit="region", disable=not progress or len(boxes) < 2)
+    for box in boxes:
+        image, inner = _pad_to(prefilled[box], roi)
+        mask, _ = _pad_to(holes[box].astype(np.float32), roi)
+        predictions = []
+        for axes in ((),) + tuple((a,) for a in flip_axes):
+            x = np.stack([image, mask])[None]
+            if axes:
+                x = np.flip(x, axis=tuple(a + 2 for a in axes))
+            with torch.inference_mode(), autocast:
+                y = inferer(torch.from_numpy(np.ascontiguousarray(x)), predict)
+            y = y.float().numpy()[0, 0]
+            predictions.append(np.flip(y, axis=axes) if axes else y)
+            bar.update(1)
+        stacked = np.stack(predictions)
+        inside = holes[box]
+        sub = result[box]
+        sub[inside] = normalizer.inverse(stacked.mean(axis=0)[inner])[inside]
+        result[box] = sub
+        if spread is not None:
+            std = (stacked.std(axis=0)[inner] * normalizer.scale).astype(np.float32)
+            spread_box = spread[box]
+            spread_box[inside] = std[inside]
+            spread[box] = spread_box
+    bar.close()
+    return (result, spread) if flip_axes else result
+
+
+def hole_boxes(holes: np.ndarray, margins: list[int]) -> list[tuple[slice, ...]]:
+    """Bounding boxes (plus context) of separate groups of holes; boxes that overlap are merged.
+
+    Filling each group in its own crop keeps the network off the acquired voxels between
+    distant holes, which is most of a large scan with a few bad slices.
+    """
+    labels, count = ndimage.label(holes, structure=np.ones((3, 3, 3), bool))
+    boxes = []
+    for found in ndimage.find_objects(labels):
+        boxes.append([[max(s.start - m, 0), min(s.stop + m, n)] for s, m, n in zip(found, margins, holes.shape)])
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                if all(a[0] < b[1] and b[0] < a[1] for a, b in zip(boxes[i], boxes[j])):
+                    boxes[i] = [[min(a[0], b[0]), max(a[1], b[1])] for a, b in zip(boxes[i], boxes[j])]
+                    del boxes[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return [tuple(slice(a, b) for a, b in box) for box in sorted(boxes)]
