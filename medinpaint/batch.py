@@ -113,7 +113,7 @@ def is_complete(case: Case, output: Path, digest: str | None) -> bool:
 def clean_partials(folder: Path) -> int:
     """Remove staging leftovers of a killed run (they are never results)."""
     removed = 0
-    for p in folder.glob(".*.partial-*"):
+    for p in [*folder.glob(".*.partial-*"), *folder.glob(".*.old-*")]:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:

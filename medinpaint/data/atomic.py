@@ -56,8 +56,14 @@ class StagedOutputs:
         for tmp, final in self._staged:
             os.chmod(tmp, 0o755 if tmp.is_dir() else 0o644)
             if final.is_dir() and not final.is_symlink():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+                # A folder cannot be replaced in one rename: move the old one aside first, so the
+                # name only ever shows the complete old or the complete new outputs.
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
             _fsync_dir(final.parent)
         self._staged.clear()
 
