@@ -70,6 +70,7 @@ class TrainSettings:
     l1_weight: float = 1.0
     ssim_weight: float = 0.1
     slice_probability: float = 0.6
+    slice_prefill: str = "linear"  # linear | cubic | auto: the interpolation the network refines (kept in the model)
     max_run: int = 5
     validation_every: int = 200
     validation_patches: int = 24

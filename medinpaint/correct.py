@@ -78,9 +78,10 @@ def correct(
         out = network_fill(
             volume.array, holes, whole_slices, volume.modality, net, inference, torch_device,
             progress=progress, flip_axes=(0, 1) if uncertainty else (),
+            slice_prefill=info.slice_prefill,
         )
         filled, spread = out if uncertainty else (out, None)
-        parameters |= asdict(inference) | {"device": str(torch_device), "uncertainty": "flip TTA (axes i, j)" if uncertainty else None}
+        parameters |= asdict(inference) | {"device": str(torch_device), "slice_prefill": info.slice_prefill, "uncertainty": "flip TTA (axes i, j)" if uncertainty else None}
     result = np.where(holes, filled, volume.array).astype(np.float32)
     if not np.all(np.isfinite(result[holes])):
         raise MedinpaintError("the fill produced non-finite values; refusing to write them")

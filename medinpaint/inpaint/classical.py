@@ -11,13 +11,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from scipy.interpolate import CubicSpline
 
 from medinpaint.errors import MedinpaintError
 
 
+SLICE_ORDERS = ("linear", "cubic", "auto")
+
+
 def interpolate_slices(array: np.ndarray, bad_slices: list[int], order: str = "linear") -> np.ndarray:
-    """Fill whole slices ``bad_slices`` along the last axis from the valid ones."""
+    """Fill whole slices ``bad_slices`` along the last axis from the valid ones.
+
+    ``cubic`` is local: the Lagrange cubic through the two nearest valid slices on each
+    side (linear where a side has only one).  ``auto`` picks, per volume, whichever of the
+    two predicts held-out acquired slices better (see ``choose_slice_order``).
+    """
+    if order not in SLICE_ORDERS:
+        raise ValueError(f"unknown slice interpolation {order!r}")
     out = array.astype(np.float32, copy=True)
     n_k = array.shape[2]
     bad = set(bad_slices)
@@ -26,23 +35,48 @@ def interpolate_slices(array: np.ndarray, bad_slices: list[int], order: str = "l
         raise MedinpaintError("every slice is bad; nothing to interpolate from")
     if not bad:
         return out
-    targets = sorted(bad)
-    if order == "cubic" and len(valid) >= 4:
-        spline = CubicSpline(valid, array[:, :, valid].astype(np.float64), axis=2, bc_type="natural", extrapolate=False)
-        inside = [k for k in targets if valid[0] < k < valid[-1]]
-        if inside:
-            out[:, :, inside] = spline(inside).astype(np.float32)
-        targets = [k for k in targets if k not in inside]
-    for k in targets:
-        below = [v for v in valid if v < k]
-        above = [v for v in valid if v > k]
-        if below and above:
-            a, b = below[-1], above[0]
-            w = (k - a) / (b - a)
-            out[:, :, k] = (1 - w) * array[:, :, a] + w * array[:, :, b]
-        else:
+    if order == "auto":
+        order = choose_slice_order(array, valid)
+    for k in sorted(bad):
+        below = [v for v in valid if v < k][-2:]
+        above = [v for v in valid if v > k][:2]
+        if not below or not above:
             out[:, :, k] = array[:, :, (below[-1] if below else above[0])]
+            continue
+        points = below + above if order == "cubic" and len(below) == 2 and len(above) == 2 else [below[-1], above[0]]
+        out[:, :, k] = sum(w * array[:, :, p] for w, p in zip(_lagrange_weights(points, k), points))
     return out
+
+
+def _lagrange_weights(points: list[int], at: int) -> list[float]:
+    weights = []
+    for i, p in enumerate(points):
+        w = 1.0
+        for j, q in enumerate(points):
+            if j != i:
+                w *= (at - q) / (p - q)
+        weights.append(w)
+    return weights
+
+
+def choose_slice_order(array: np.ndarray, valid: list[int], samples: int = 16) -> str:
+    """'cubic' if it predicts acquired slices (each left out in turn) better than 'linear'.
+
+    Thin, smooth slices (e.g. 1-2 mm CT) favour cubic; thick slices with structures that
+    change between them (e.g. 6 mm MR) favour linear, where cubic overshoots.
+    """
+    valid_set = set(valid)
+    candidates = [k for k in valid if all(k + d in valid_set for d in (-2, -1, 1, 2))]
+    if not candidates:
+        return "linear"
+    picks = [candidates[i] for i in np.linspace(0, len(candidates) - 1, min(samples, len(candidates))).astype(int)]
+    err_linear = err_cubic = 0.0
+    for k in picks:
+        a, b, c, d = (np.nan_to_num(array[:, :, k + o].astype(np.float64)) for o in (-2, -1, 1, 2))
+        truth = np.nan_to_num(array[:, :, k].astype(np.float64))
+        err_linear += float(np.mean((0.5 * (b + c) - truth) ** 2))
+        err_cubic += float(np.mean(((-a + 4 * b + 4 * c - d) / 6 - truth) ** 2))
+    return "cubic" if err_cubic < err_linear else "linear"
 
 
 def harmonic_fill(array: np.ndarray, mask: np.ndarray, iterations: int = 300) -> np.ndarray:
@@ -105,12 +139,13 @@ def _pull(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return alpha * estimate + (1 - alpha) * upsampled
 
 
-def network_prefill(array: np.ndarray, whole_slices: list[int], other: np.ndarray) -> np.ndarray:
-    """The network's starting point: linear interpolation across slices, push-pull elsewhere.
+def network_prefill(array: np.ndarray, whole_slices: list[int], other: np.ndarray, slice_order: str = "linear") -> np.ndarray:
+    """The network's starting point: interpolation across slices, push-pull elsewhere.
 
-    Used identically in training and inference so the network always refines the same thing.
+    Used identically in training and inference (a model records its ``slice_order``) so the
+    network always refines the same thing.
     """
-    filled = interpolate_slices(array, whole_slices, order="linear")
+    filled = interpolate_slices(array, whole_slices, order=slice_order)
     other = other.copy()
     other[:, :, whole_slices] = False
     other |= ~np.isfinite(filled)

@@ -52,6 +52,7 @@ def network_fill(
     device: torch.device,
     progress: bool = False,
     flip_axes: tuple[int, ...] = (),
+    slice_prefill: str = "linear",
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Return ``array`` with ``holes`` filled by the network (values in the input's units).
 
@@ -68,7 +69,7 @@ def network_fill(
     normalized = normalizer.forward(clean)
     other = holes.copy()
     other[:, :, whole_slices] = False
-    prefilled = network_prefill(normalized, whole_slices, other)
+    prefilled = network_prefill(normalized, whole_slices, other, slice_prefill)
 
     inferer = SlidingWindowInferer(
         roi_size=roi,

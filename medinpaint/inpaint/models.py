@@ -29,6 +29,11 @@ class ModelInfo:
     features: tuple[int, ...]
     metadata: dict
 
+    @property
+    def slice_prefill(self) -> str:
+        """The interpolation the model was trained to refine (models before this key: linear)."""
+        return str(self.metadata.get("slice_prefill", "linear"))
+
     def describe(self) -> dict:
         return {"name": self.name, "file": str(self.path), "sha256": self.sha256, **self.metadata}
 

@@ -46,8 +46,9 @@ def hole_damage(shape: tuple[int, int, int], rng: np.random.RandomState) -> np.n
 
 
 class RandDamaged(MapTransform, Randomizable):
-    def __init__(self, keys: str = "image", slice_probability: float = 0.6, max_run: int = 5) -> None:
+    def __init__(self, keys: str = "image", slice_probability: float = 0.6, max_run: int = 5, slice_prefill: str = "linear") -> None:
         MapTransform.__init__(self, keys)
+        self.slice_prefill = slice_prefill
         self.slice_probability = slice_probability
         self.max_run = max_run
 
@@ -64,7 +65,7 @@ class RandDamaged(MapTransform, Randomizable):
             slices[bad] = True
             mask = np.zeros(shape, dtype=bool)
             mask[:, :, bad] = True
-            prefilled = network_prefill(image, bad, np.zeros(shape, dtype=bool))
+            prefilled = network_prefill(image, bad, np.zeros(shape, dtype=bool), self.slice_prefill)
         else:
             mask = hole_damage(shape, self.R)
             prefilled = network_prefill(image, [], mask)

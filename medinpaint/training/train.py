@@ -101,7 +101,8 @@ def patch_pipeline(settings: TrainSettings) -> Compose:
             RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
             RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
             RandSpatialCropSamplesd(keys="image", roi_size=patch, num_samples=settings.patches_per_volume, random_size=False),
-            RandDamaged(keys="image", slice_probability=settings.slice_probability, max_run=settings.max_run),
+            RandDamaged(keys="image", slice_probability=settings.slice_probability, max_run=settings.max_run,
+                        slice_prefill=settings.slice_prefill),
         ]
     )
 
@@ -222,7 +223,8 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
                 if metrics["rmse_network"] < best:
                     best = metrics["rmse_network"]
                     save_model(model, out_dir / "best.safetensors", name=out_dir.name, steps=step,
-                               validation=metrics, trained_with=f"medinpaint {__version__}")
+                               validation=metrics, trained_with=f"medinpaint {__version__}",
+                               slice_prefill=settings.slice_prefill)
             if main_process and (step % settings.checkpoint_every == 0 or step == settings.steps):
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "step": step, "best": best}
