@@ -14,6 +14,7 @@ import SimpleITK as sitk
 import medinpaint
 from medinpaint.data.save import write_file
 from medinpaint.data.volume import affine_from_itk
+from medinpaint.inpaint.models import DEFAULT_MODEL
 
 from conftest import blank_slices, files_under, shared
 
@@ -77,7 +78,7 @@ def test_network_fill_beats_nothing_and_keeps_acquired_voxels(cli, tmp_path, dam
     assert error < 60, error
     sidecar = json.loads((tmp_path / "fixed.json").read_text())
     assert sidecar["Method"] == "network"
-    assert sidecar["Model"]["Name"] == "medinpaint-slices-v1" and len(sidecar["Model"]["SHA256"]) == 64
+    assert sidecar["Model"]["Name"] == DEFAULT_MODEL and len(sidecar["Model"]["SHA256"]) == 64
     assert sidecar["Parameters"]["blend_mode"] == "gaussian"
     spread = medinpaint.load(tmp_path / "fixed_desc-uncertainty.nii.gz").array
     assert sidecar["Uncertainty"]["File"] == "fixed_desc-uncertainty.nii.gz"
