@@ -18,7 +18,7 @@ from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.network import InpaintingUNet
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_MODEL = "medinpaint-slices-v1"
+DEFAULT_MODEL = "medinpaint-slices-v2"  # the best measured (benchmarks/quality.py)
 
 
 @dataclass(frozen=True)
