@@ -42,14 +42,22 @@ def _panel(gray: np.ndarray, height_over_width: float, overlay: np.ndarray | Non
     return image.resize((w, h), Image.BILINEAR)
 
 
+def _busiest_cut(mask: np.ndarray, axis: int) -> int:
+    """The cut along ``axis`` with the most synthesized voxels; among ties, the one nearest the middle."""
+    counts = mask.sum(axis=tuple(a for a in range(3) if a != axis))
+    middle = mask.shape[axis] // 2
+    if not counts.any():
+        return middle
+    best = np.flatnonzero(counts == counts.max())
+    return int(best[np.argmin(np.abs(best - middle))])
+
+
 def write_case_png(correction: Correction, path: Path) -> Path:
     """Three rows (axial, coronal, sagittal) through the centre of the synthesized region."""
     before, after = correction.original.array, correction.volume.array
     mask = correction.synthesized > 0
     spacing = correction.volume.spacing
-    # On each axis, the cut holding the most synthesized voxels (the middle when nothing was synthesized).
-    centre = [int(np.argmax(mask.sum(axis=tuple(a for a in range(3) if a != axis)))) if mask.any() else mask.shape[axis] // 2
-              for axis in range(3)]
+    centre = [_busiest_cut(mask, axis) for axis in range(3)]
     rows = []
     for axis in (2, 1, 0):  # k (axial for axial series), then j, then i
         b, height_over_width = _view(before, axis, centre[axis], spacing)

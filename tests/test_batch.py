@@ -153,3 +153,15 @@ def test_monai_bundle_runs_and_its_components_work(tmp_path):
     assert filled["medinpaint"]["synthesized_voxels"] > 0
     net = parser.get_parsed_content("network_def")
     assert sum(p.numel() for p in net.parameters()) > 100_000
+
+
+def test_qa_picture_cuts_through_the_synthesized_region():
+    from medinpaint.report import _busiest_cut
+
+    mask = np.zeros((40, 30, 50), bool)
+    mask[:, :, [5, 20, 44]] = True  # whole slices: axial cut on one of them, nearest the middle
+    assert _busiest_cut(mask, 2) == 20
+    assert _busiest_cut(mask, 0) == 20 and _busiest_cut(mask, 1) == 15  # uniform: the middle
+    mask[:] = False
+    mask[3:6, 7:9, 30:33] = True
+    assert _busiest_cut(mask, 0) in (3, 4, 5) and _busiest_cut(mask, 1) in (7, 8) and _busiest_cut(mask, 2) in (30, 31, 32)
