@@ -89,6 +89,7 @@ def test_train_resume_and_finetune(cli, tmp_path):
     assert code == 0, err
     tuned = json.loads((tmp_path / "finetuned" / "settings.json").read_text())
     assert tuned["init"] == str(run / "best.safetensors") and tuned["data"]["folders"] == [str(data)]
+    assert tuned["slice_prefill"] == info.slice_prefill == "linear"  # fine-tuning keeps the model's pre-fill
     assert (tmp_path / "finetuned" / "best.safetensors").exists()
 
 
