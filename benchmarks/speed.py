@@ -106,9 +106,10 @@ def main() -> None:
         if not args.skip_plain:
             from monai.inferers import sliding_window_inference
 
-            model, _ = load_model(None, device)
+            model, info = load_model(None, device)
             normalizer = Normalizer.for_volume(volume.array, "CT")
-            prefilled = network_prefill(normalizer.forward(np.where(truth, 0, volume.array)), BLANKED, np.zeros(truth.shape, bool))
+            prefilled = network_prefill(normalizer.forward(np.where(truth, 0, volume.array)), BLANKED,
+                                        np.zeros(truth.shape, bool), info.slice_prefill)  # the same input as ours
             x = torch.from_numpy(np.stack([prefilled, truth.astype(np.float32)])[None])
             del prefilled
             t = time.perf_counter()
