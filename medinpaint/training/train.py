@@ -38,6 +38,7 @@ from medinpaint.config import TrainSettings
 from medinpaint.data.find import find_cases
 from medinpaint.data.load import load
 from medinpaint.errors import MedinpaintError
+from medinpaint.inpaint.classical import SLICE_ORDERS
 from medinpaint.inpaint.models import load_model, save_model
 from medinpaint.inpaint.network import InpaintingUNet
 from medinpaint.inpaint.normalize import Normalizer
@@ -127,6 +128,8 @@ def _pick_device(name: str) -> torch.device:
 
 def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
     """Train; return the path of the best exported model (safetensors)."""
+    if settings.slice_prefill not in SLICE_ORDERS:
+        raise MedinpaintError(f"slice_prefill {settings.slice_prefill!r}: choose one of {', '.join(SLICE_ORDERS)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     rank = int(os.environ.get("RANK", "0"))
     device = _pick_device(settings.device)
