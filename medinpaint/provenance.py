@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,11 +22,15 @@ def input_sha256(volume: Volume) -> str | None:
     if volume.source is None:
         return None
     files = [f for f in volume.source.slice_files if f is not None] or [volume.source.path]
+    paths = [Path(p) for p in dict.fromkeys(files) if not Path(p).is_dir()]  # a multi-frame file appears once per frame
+    # Keyed on size and mtime so batch mode hashes each input once (resume check, then provenance).
+    return _sha256_of_files(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths))
+
+
+@lru_cache(maxsize=64)
+def _sha256_of_files(files: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for path in dict.fromkeys(files):  # a multi-frame file appears once per frame
-        path = Path(path)
-        if path.is_dir():
-            continue
+    for path, _, _ in files:
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
