@@ -27,7 +27,7 @@ from medinpaint.data.atomic import StagedOutputs
 from medinpaint.data.find import find_cases
 from medinpaint.data.load import load
 from medinpaint.errors import MedinpaintError
-from medinpaint.output import companion_paths, save
+from medinpaint.output import companion_paths, output_format, save
 from medinpaint.provenance import input_sha256
 
 SUMMARY_FIELDS = ("case", "input", "status", "artifacts", "synthesized_fraction", "seconds", "output", "reason")
@@ -107,7 +107,8 @@ def is_complete(case: Case, output: Path, digest: str | None) -> bool:
         return False
     if provenance.get("Sources", [{}])[0].get("SHA256") != digest:
         return False
-    return paths["volume"].exists() and all((output.parent / m).exists() or (output / m).exists() for m in provenance.get("SynthesizedMask", []))
+    base = output if output_format(output) == "dicom" else output.parent  # provenance names masks relative to this
+    return paths["volume"].exists() and all((base / m).exists() for m in provenance.get("SynthesizedMask", []))
 
 
 def clean_partials(folder: Path) -> int:

@@ -71,16 +71,33 @@ def companion_paths(output: str | Path) -> dict[str, Path]:
     }
 
 
-def check_outputs(output: str | Path, overwrite: bool = False, with_mask_only: bool = False) -> None:
-    """Fail early (before loading and inference) on an output that could not be written."""
+def check_outputs(output: str | Path, overwrite: bool = False) -> None:
+    """Fail early (before loading and inference) on a ``correct`` output that could not be written."""
     output = Path(output)
-    fmt = output_format(output)
-    if fmt == "dicom":
+    if output_format(output) == "dicom":
         check_writable(output, overwrite, is_dir=True)
         return
     paths = companion_paths(output)
-    for key in ("volume", "provenance") if with_mask_only else ("volume", "mask", "provenance"):
-        check_writable(paths[key], overwrite)
+    check_files([paths["volume"], paths["mask"], paths["provenance"]], overwrite)
+
+
+def check_files(paths: list[Path], overwrite: bool = False) -> None:
+    for path in paths:
+        check_writable(path, overwrite)
+
+
+def file_pair(output: str | Path, companion: str, what: str) -> tuple[Path, Path, str]:
+    """(output, its companion file, format) for commands that write a file and one beside it.
+
+    ``companion`` is ``json`` (a ``<stem>.json`` summary) or a BIDS ``desc`` label.
+    """
+    output = Path(output)
+    fmt = output_format(output)
+    if fmt == "dicom":
+        raise MedinpaintError(f"{output}: {what} is written as a file; end the name with .nii.gz, .nrrd or .mha")
+    stem, ext = split_name(output)
+    second = output.with_name(f"{stem}.json" if companion == "json" else f"{stem}_desc-{companion}{ext}")
+    return output, second, fmt
 
 
 def save(correction: Correction, output: str | Path, overwrite: bool = False) -> dict[str, Path]:
@@ -183,12 +200,7 @@ def _provenance(correction: Correction, synthesized: np.ndarray, written: dict[s
 
 def save_mask(artifacts: ArtifactMask, volume: Volume, output: str | Path, overwrite: bool = False) -> dict[str, Path]:
     """Write the labelled artifact mask (all kinds, metal included) and a JSON summary beside it."""
-    output = Path(output)
-    fmt = output_format(output)
-    if fmt == "dicom":
-        raise MedinpaintError(f"{output}: the mask is written as a file; end the name with .nii.gz, .nrrd or .mha")
-    stem, _ = split_name(output)
-    summary_path = output.with_name(f"{stem}.json")
+    output, summary_path, fmt = file_pair(output, "json", "the mask")
     with StagedOutputs(overwrite=overwrite) as staged:
         write_file(volume.with_array(artifacts.labels), staged.path_for(output), fmt, "uint8", "medinpaint artifact labels")
         summary = {

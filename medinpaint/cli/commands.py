@@ -14,10 +14,10 @@ from medinpaint.config import DataSettings, load_settings, load_train_settings, 
 from medinpaint.correct import correct as correct_volume
 from medinpaint.data.atomic import StagedOutputs
 from medinpaint.data.dicom_series import list_series, summarize_series
-from medinpaint.data.load import format_of, load
+from medinpaint.data.load import load
 from medinpaint.data.save import write_file
 from medinpaint.errors import MedinpaintError
-from medinpaint.output import check_outputs, output_format, save, save_mask, split_name
+from medinpaint.output import check_files, check_outputs, file_pair, save, save_mask
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
@@ -111,9 +111,8 @@ def batch(args: argparse.Namespace) -> int:
 
 
 def mask(args: argparse.Namespace) -> int:
-    if output_format(args.output) == "dicom":
-        raise MedinpaintError(f"{args.output}: the mask is written as a file; end the name with .nii.gz, .nrrd or .mha")
-    check_outputs(args.output, args.overwrite, with_mask_only=True)
+    output, summary, _ = file_pair(args.output, "json", "the mask")
+    check_files([output, summary], args.overwrite)
     settings = load_settings(args.config)
     volume = _load(args)
     found = _artifacts(args, volume, settings)
@@ -214,15 +213,10 @@ def _replace_data(settings: TrainSettings, **changes) -> TrainSettings:
 def simulate(args: argparse.Namespace) -> int:
     from medinpaint.simulate import simulate as damage
 
-    fmt = output_format(args.output)
-    if fmt == "dicom":
-        raise MedinpaintError(f"{args.output}: simulate writes a file; end the name with .nii.gz, .nrrd or .mha")
-    check_outputs(args.output, args.overwrite, with_mask_only=True)
+    out, mask_path, fmt = file_pair(args.output, "damage_mask", "the simulated volume")
+    check_files([out, mask_path], args.overwrite)
     volume = _load(args)
     damaged, truth = damage(volume, args.artifact, seed=args.seed, count=args.count, run=args.run)
-    out = Path(args.output)
-    stem, ext = split_name(out)
-    mask_path = out.with_name(f"{stem}_desc-damage_mask{ext}")
     dtype = volume.source.stored_dtype if volume.source else None
     with StagedOutputs(overwrite=args.overwrite) as staged:
         write_file(damaged, staged.path_for(out), fmt, dtype, f"medinpaint simulate {args.artifact} seed {args.seed}")
