@@ -82,7 +82,8 @@ def correct(
         )
         filled, spread = out if uncertainty else (out, None)
         parameters |= asdict(inference) | {"device": str(torch_device), "slice_prefill": info.slice_prefill, "uncertainty": "flip TTA (axes i, j)" if uncertainty else None}
-    result = np.where(holes, filled, volume.array).astype(np.float32)
+    result = filled.astype(np.float32, copy=False)
+    np.copyto(result, volume.array, where=~holes)  # acquired voxels stay exactly as read
     if not np.all(np.isfinite(result[holes])):
         raise MedinpaintError("the fill produced non-finite values; refusing to write them")
     return Correction(

@@ -19,10 +19,12 @@ def storable_array(array: np.ndarray, dtype: str | None) -> np.ndarray:
     if not np.all(np.isfinite(array)):
         return array.astype(np.float32, copy=False)
     info = np.iinfo(dtype)
-    rounded = np.rint(array)
-    if rounded.min() < info.min or rounded.max() > info.max:
+    if np.rint(array.min()) < info.min or np.rint(array.max()) > info.max:
         return array.astype(np.float32, copy=False)
-    return rounded.astype(dtype)
+    out = np.empty(array.shape, dtype=dtype)
+    for k in range(0, array.shape[-1], 16):  # slab by slab: no float copy of the whole volume
+        out[..., k : k + 16] = np.rint(array[..., k : k + 16])
+    return out
 
 
 def write_file(volume: Volume, path: Path, fmt: str, dtype: str | None = None, description: str = "") -> None:

@@ -89,7 +89,8 @@ class Volume:
 
     def describe(self) -> dict:
         """Geometry summary used by ``medinpaint info`` and the provenance."""
-        finite = self.array[np.isfinite(self.array)]
+        finite = np.isfinite(self.array)
+        values = self.array if finite.all() else self.array[finite]  # a copy only when something is not finite
         return {
             "shape": list(self.shape),
             "spacing_mm": [round(float(s), 6) for s in self.spacing],
@@ -97,7 +98,7 @@ class Volume:
             "direction_ras": [[round(float(v), 6) for v in row] for row in self.direction],
             "oblique_stack": self.is_oblique_stack,
             "modality": self.modality,
-            "intensity_range": [float(finite.min()), float(finite.max())] if finite.size else None,
+            "intensity_range": [float(values.min()), float(values.max())] if values.size else None,
             "format": self.source.format if self.source else None,
             "series_uid": self.source.series_uid if self.source else None,
             "placeholder_slices": list(self.placeholder_slices),

@@ -7,6 +7,8 @@ Whole bad slices are filled by interpolation along k between the nearest valid s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,12 +61,20 @@ def _lagrange_weights(points: list[int], at: int) -> list[float]:
     return weights
 
 
-def choose_slice_order(array: np.ndarray, valid: list[int], samples: int = 16) -> str:
+def choose_slice_order(
+    array: np.ndarray,
+    valid: list[int],
+    samples: int = 16,
+    read: Callable[[slice], np.ndarray] | None = None,
+) -> str:
     """'cubic' if it predicts acquired slices (each left out in turn) better than 'linear'.
 
     Thin, smooth slices (e.g. 1-2 mm CT) favour cubic; thick slices with structures that
-    change between them (e.g. 6 mm MR) favour linear, where cubic overshoots.
+    change between them (e.g. 6 mm MR) favour linear, where cubic overshoots.  ``read``
+    returns the slab of slices at a k-range as the caller wants them compared (for example
+    normalised); by default the slab of ``array`` itself.
     """
+    read = read or (lambda ks: array[:, :, ks])
     valid_set = set(valid)
     candidates = [k for k in valid if all(k + d in valid_set for d in (-2, -1, 1, 2))]
     if not candidates:
@@ -72,8 +82,8 @@ def choose_slice_order(array: np.ndarray, valid: list[int], samples: int = 16) -
     picks = [candidates[i] for i in np.linspace(0, len(candidates) - 1, min(samples, len(candidates))).astype(int)]
     err_linear = err_cubic = 0.0
     for k in picks:
-        a, b, c, d = (np.nan_to_num(array[:, :, k + o].astype(np.float64)) for o in (-2, -1, 1, 2))
-        truth = np.nan_to_num(array[:, :, k].astype(np.float64))
+        slab = np.nan_to_num(read(slice(k - 2, k + 3)).astype(np.float64))
+        a, b, truth, c, d = (slab[:, :, o] for o in range(5))
         err_linear += float(np.mean((0.5 * (b + c) - truth) ** 2))
         err_cubic += float(np.mean(((-a + 4 * b + 4 * c - d) / 6 - truth) ** 2))
     return "cubic" if err_cubic < err_linear else "linear"

@@ -7,6 +7,7 @@ CUDA the network runs under autocast (bf16 where supported, else fp16).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import numpy as np
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from medinpaint.config import InferenceSettings
 from medinpaint.errors import MedinpaintError
-from medinpaint.inpaint.classical import network_prefill
+from medinpaint.inpaint.classical import choose_slice_order, network_prefill
 from medinpaint.inpaint.network import SIZE_DIVISOR, InpaintingUNet
 from medinpaint.inpaint.normalize import Normalizer
 
@@ -64,12 +65,20 @@ def network_fill(
     roi = tuple(int(r) for r in settings.roi_size)
     if any(r % SIZE_DIVISOR for r in roi):
         raise MedinpaintError(f"roi_size {roi} must be a multiple of {SIZE_DIVISOR} on every axis")
+    margins = [min(settings.context_voxels, (r - 1) // 2) for r in roi]
+    boxes = hole_boxes(holes, margins)  # before any copy of the volume: labelling needs its own
     normalizer = Normalizer.for_volume(array, modality, valid=~holes)
-    clean = np.where(holes | ~np.isfinite(array), 0.0, array).astype(np.float32)
-    normalized = normalizer.forward(clean)
-    other = holes.copy()
-    other[:, :, whole_slices] = False
-    prefilled = network_prefill(normalized, whole_slices, other, slice_prefill)
+
+    def network_input(index: tuple[slice, ...]) -> np.ndarray:
+        # Only crops are normalised, never the whole volume: one copy of the scan (the result) is enough.
+        raw = array[index]
+        return normalizer.forward(np.where(holes[index] | ~np.isfinite(raw), 0.0, raw).astype(np.float32))
+
+    bad = set(whole_slices)
+    valid_slices = [k for k in range(array.shape[2]) if k not in bad]
+    order = slice_prefill
+    if slice_prefill == "auto" and whole_slices:
+        order = choose_slice_order(array, valid_slices, read=lambda ks: network_input((slice(None), slice(None), ks)))
 
     inferer = SlidingWindowInferer(
         roi_size=roi,
@@ -96,13 +105,11 @@ def network_fill(
             out[has_hole] = model(x[has_hole, :1], x[has_hole, 1:2]).to(out.dtype)
         return out
 
-    margins = [min(settings.context_voxels, (r - 1) // 2) for r in roi]
-    boxes = hole_boxes(holes, margins)
     result = array.astype(np.float32, copy=True)
     spread = np.zeros(array.shape, dtype=np.float32) if flip_axes else None
     bar = tqdm(total=len(boxes) * (1 + len(flip_axes)), desc="inpainting", unit="region", disable=not progress or len(boxes) < 2)
     for box in boxes:
-        image, inner = _pad_to(prefilled[box], roi)
+        image, inner = _pad_to(_prefilled(network_input, holes, bad, valid_slices, box, order), roi)
         mask, _ = _pad_to(holes[box].astype(np.float32), roi)
         predictions = []
         for axes in ((),) + tuple((a,) for a in flip_axes):
@@ -128,16 +135,55 @@ def network_fill(
     return (result, spread) if flip_axes else result
 
 
-def hole_boxes(holes: np.ndarray, margins: list[int]) -> list[tuple[slice, ...]]:
+def _prefilled(
+    network_input: Callable[[tuple[slice, ...]], np.ndarray],
+    holes: np.ndarray,
+    bad: set[int],
+    valid_slices: list[int],
+    box: tuple[slice, ...],
+    order: str,
+) -> np.ndarray:
+    """The network's input in ``box``: normalised, holes pre-filled exactly as over the whole scan.
+
+    The crop is widened along k to the valid slices that the interpolation of its bad
+    slices reads (two on each side for cubic), then cut back to ``box``.
+    """
+    lo, hi = box[2].start, box[2].stop
+    for k in (k for k in range(box[2].start, box[2].stop) if k in bad):
+        below = [v for v in valid_slices if v < k][-2:]
+        above = [v for v in valid_slices if v > k][:2]
+        lo, hi = min([lo] + below), max([hi] + [v + 1 for v in above])
+    index = (box[0], box[1], slice(lo, hi))
+    local_bad = [k - lo for k in range(lo, hi) if k in bad]
+    other = holes[index].copy()
+    other[:, :, local_bad] = False
+    filled = network_prefill(network_input(index), local_bad, other, order)
+    return filled[:, :, box[2].start - lo : box[2].stop - lo]
+
+
+def hole_boxes(holes: np.ndarray, margins: list[int], cell: int = 4) -> list[tuple[slice, ...]]:
     """Bounding boxes (plus context) of separate groups of holes; boxes that overlap are merged.
 
     Filling each group in its own crop keeps the network off the acquired voxels between
-    distant holes, which is most of a large scan with a few bad slices.
+    distant holes, which is most of a large scan with a few bad slices.  Groups are found on
+    a grid of ``cell`` x ``cell`` in-plane cells (labels 1/16 the size of a full-resolution
+    labelling, which would need four bytes per voxel); each box is then fitted to its voxels.
     """
-    labels, count = ndimage.label(holes, structure=np.ones((3, 3, 3), bool))
+    coarse = holes
+    if cell > 1:
+        pad = [(0, -n % cell) for n in holes.shape[:2]] + [(0, 0)]
+        coarse = np.pad(holes, pad).reshape(
+            holes.shape[0] // cell + bool(pad[0][1]), cell, holes.shape[1] // cell + bool(pad[1][1]), cell, holes.shape[2]
+        ).any(axis=(1, 3))
+    labels, _ = ndimage.label(coarse, structure=np.ones((3, 3, 3), bool))
     boxes = []
-    for found in ndimage.find_objects(labels):
-        boxes.append([[max(s.start - m, 0), min(s.stop + m, n)] for s, m, n in zip(found, margins, holes.shape)])
+    for number, found in enumerate(ndimage.find_objects(labels), start=1):
+        region = (slice(found[0].start * cell, found[0].stop * cell), slice(found[1].start * cell, found[1].stop * cell), found[2])
+        mine = np.repeat(np.repeat(labels[found] == number, cell, axis=0), cell, axis=1)
+        inside = holes[region]
+        idx = np.nonzero(inside & mine[: inside.shape[0], : inside.shape[1]])
+        fitted = [(r.start + int(i.min()), r.start + int(i.max()) + 1) for r, i in zip(region, idx)]
+        boxes.append([[max(a - m, 0), min(b + m, n)] for (a, b), m, n in zip(fitted, margins, holes.shape)])
     merged = True
     while merged:
         merged = False
