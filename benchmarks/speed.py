@@ -6,14 +6,13 @@ write (volume + mask + provenance).  The baseline is `monai.inferers.sliding_win
 with its defaults (overlap 0.25, constant blending, sw_batch_size 1) over the whole volume with
 the same weights and the same pre-filled input; its masked PSNR is printed beside ours.
 
-    python benchmarks/speed.py [--device cpu|cuda] [--skip-plain]
+    python benchmarks/speed.py [--device all|cpu|cuda] [--skip-plain]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +41,16 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory since the last ``reset_peak`` (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    """Restart the peak count, so a second device's run is not charged for the first one's."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def build_ct(data: Path) -> medinpaint.Volume:
@@ -53,17 +61,11 @@ def build_ct(data: Path) -> medinpaint.Volume:
     return medinpaint.Volume(np.ascontiguousarray(source.array[:, :, index]), source.affine, modality="CT")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--skip-plain", action="store_true", help="do not run the plain MONAI baseline")
-    args = parser.parse_args()
-    device = pick_device(args.device)
+def run(device: torch.device, data: Path, skip_plain: bool) -> dict:
     settings = Settings()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        clean = build_ct(args.data)
+        clean = build_ct(data)
         damaged = clean.array.copy()
         damaged[:, :, BLANKED] = -1024
         write_file(clean.with_array(damaged), tmp / "ct512x300.nii.gz", "nifti", "int16")
@@ -73,7 +75,11 @@ def main() -> None:
         del clean, damaged
         volume_mb = 512 * 512 * 300 * 4 / 2**20
         load_model(None, device)  # warm the weights file cache; not part of a per-scan cost
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         baseline = rss_mb()
+        reset_peak()
         times = {}
 
         started = time.perf_counter()
@@ -96,14 +102,17 @@ def main() -> None:
         report = {
             "device": str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"),
             "shape": list(volume.shape),
+            "sw_batch_size": result.parameters.get("sw_batch_size"),
             "seconds": {k: round(v, 2) for k, v in times.items()},
             "peak_ram_above_baseline_mb": round(peak, 1),
             "peak_ram_in_float32_volumes": round(peak / volume_mb, 2),
             "masked_psnr_db": ours["psnr_db"],
         }
+        if device.type == "cuda":
+            report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         del result
 
-        if not args.skip_plain:
+        if not skip_plain:
             from monai.inferers import sliding_window_inference
 
             model, info = load_model(None, device)
@@ -115,12 +124,25 @@ def main() -> None:
             t = time.perf_counter()
             with torch.no_grad():
                 y = sliding_window_inference(x, settings.inference.roi_size, 1, lambda w: model(w[:, :1].to(device), w[:, 1:2].to(device)))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             plain_seconds = time.perf_counter() - t
             plain = np.where(truth, normalizer.inverse(y[0, 0].float().cpu().numpy()), volume.array)
             report["plain_monai_fill_seconds"] = round(plain_seconds, 2)
             report["speedup_fill_vs_plain_monai"] = round(plain_seconds / times["fill"], 2)
             report["plain_monai_masked_psnr_db"] = masked_metrics(reference, plain, truth, "CT")["psnr_db"]
-    print(json.dumps(report, indent=2))
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--device", default="all", help="cpu, cuda, or all (the CPU, then CUDA when present)")
+    parser.add_argument("--skip-plain", action="store_true", help="do not run the plain MONAI baseline")
+    args = parser.parse_args()
+    names = (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])) if args.device == "all" else [args.device]
+    for name in names:
+        print(json.dumps(run(pick_device(name), args.data, args.skip_plain), indent=2), flush=True)
 
 
 if __name__ == "__main__":

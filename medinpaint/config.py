@@ -21,7 +21,7 @@ from medinpaint.errors import MedinpaintError
 class InferenceSettings:
     roi_size: tuple[int, int, int] = (96, 96, 32)
     overlap: float = 0.25
-    sw_batch_size: int = 2
+    sw_batch_size: int | str = "auto"  # windows per forward pass; auto: 1 on CPU, from free memory on CUDA
     blend_mode: str = "gaussian"
     context_voxels: int = 16  # valid context kept around the holes when cropping for inference
     device: str = "auto"  # auto | cpu | cuda

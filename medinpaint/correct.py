@@ -75,13 +75,17 @@ def correct(
             torch.set_num_threads(inference.threads)
         net, info = load_model(model, torch_device)
         model_info = {"Name": info.name, "SHA256": info.sha256, "File": info.path.name}
+        used: dict = {}
         out = network_fill(
             volume.array, holes, whole_slices, volume.modality, net, inference, torch_device,
             progress=progress, flip_axes=(0, 1) if uncertainty else (),
-            slice_prefill=info.slice_prefill,
+            slice_prefill=info.slice_prefill, run_info=used,
         )
         filled, spread = out if uncertainty else (out, None)
-        parameters |= asdict(inference) | {"device": str(torch_device), "slice_prefill": info.slice_prefill, "uncertainty": "flip TTA (axes i, j)" if uncertainty else None}
+        parameters |= asdict(inference) | used | {
+            "device": str(torch_device), "slice_prefill": info.slice_prefill,
+            "uncertainty": "flip TTA (axes i, j)" if uncertainty else None,
+        }
     result = filled.astype(np.float32, copy=False)
     np.copyto(result, volume.array, where=~holes)  # acquired voxels stay exactly as read
     if not np.all(np.isfinite(result[holes])):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from medinpaint.config import InferenceSettings
-from medinpaint.inpaint.inference import hole_boxes, network_fill
+from medinpaint.errors import MedinpaintError
+from medinpaint.inpaint.inference import batch_for_memory, hole_boxes, network_fill, sw_batch_size
 from medinpaint.inpaint.models import DEFAULT_MODEL, list_models, load_model, read_info, resolve
 from medinpaint.inpaint.network import InpaintingUNet
 
@@ -72,3 +73,47 @@ def test_shipped_default_model_is_trained_and_documented():
     # Never random or untrained: the zero-initialised output layer has learned weights.
     assert any(p.abs().sum() > 0 for n, p in final.items() if "final" in n)
     assert [m.name for m in list_models()].count(DEFAULT_MODEL) == 1
+
+
+class _RunsOutOfMemory(torch.nn.Module):
+    """Wraps a network and fails like a full GPU whenever more than ``limit`` windows come at once."""
+
+    def __init__(self, net: torch.nn.Module, limit: int):
+        super().__init__()
+        self.net, self.limit, self.batches = net, limit, []
+
+    def forward(self, image, mask):
+        self.batches.append(image.shape[0])
+        if image.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.net(image, mask)
+
+
+def test_out_of_memory_retries_with_fewer_windows_and_gives_the_same_fill():
+    torch.manual_seed(0)
+    net = InpaintingUNet((8, 8, 16, 16, 32, 8)).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    array = np.random.default_rng(1).normal(0, 100, (64, 64, 40)).astype(np.float32)
+    holes = np.zeros(array.shape, bool)
+    holes[:, :, 20] = True
+    small = InferenceSettings(roi_size=(32, 32, 16), sw_batch_size=1)
+    expected = network_fill(array, holes, [20], "MR", net, small, torch.device("cpu"))
+    flaky = _RunsOutOfMemory(net, limit=1)
+    used: dict = {}
+    filled = network_fill(array, holes, [20], "MR", flaky, InferenceSettings(roi_size=(32, 32, 16), sw_batch_size=4),
+                          torch.device("cpu"), run_info=used)
+    assert used["sw_batch_size"] == 1 and flaky.batches[:2] == [4, 2]
+    np.testing.assert_allclose(filled, expected, atol=1e-5)
+    with pytest.raises(MedinpaintError, match="out of GPU memory even with one window"):
+        network_fill(array, holes, [20], "MR", _RunsOutOfMemory(net, limit=0), small, torch.device("cpu"))
+
+
+def test_batch_size_from_free_memory():
+    roi = (96, 96, 32)
+    assert sw_batch_size(3, torch.device("cpu"), roi) == 3
+    assert sw_batch_size("auto", torch.device("cpu"), roi) == 1
+    assert batch_for_memory(10 * 2**20, roi) == 1  # never zero
+    assert batch_for_memory(2 * 2**30, roi) < batch_for_memory(8 * 2**30, roi) <= batch_for_memory(80 * 2**30, roi) == 16
+    with pytest.raises(MedinpaintError, match="sw_batch_size"):
+        sw_batch_size(0, torch.device("cpu"), roi)

@@ -8,6 +8,7 @@ CUDA the network runs under autocast (bf16 where supported, else fp16).
 from __future__ import annotations
 
 from collections.abc import Callable
+import logging
 from contextlib import nullcontext
 
 import numpy as np
@@ -21,6 +22,8 @@ from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.classical import choose_slice_order, network_prefill
 from medinpaint.inpaint.network import SIZE_DIVISOR, InpaintingUNet
 from medinpaint.inpaint.normalize import Normalizer
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(name: str) -> torch.device:
@@ -54,11 +57,14 @@ def network_fill(
     progress: bool = False,
     flip_axes: tuple[int, ...] = (),
     slice_prefill: str = "linear",
+    run_info: dict | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Return ``array`` with ``holes`` filled by the network (values in the input's units).
 
     With ``flip_axes`` the prediction is averaged over flipped copies (test-time
-    augmentation) and the per-voxel standard deviation is returned as well.
+    augmentation) and the per-voxel standard deviation is returned as well.  ``run_info``,
+    when given, receives what the run actually used (batch size and stitching device after
+    any out-of-memory retries).
     """
     if not holes.any():
         return (array.copy(), np.zeros(array.shape, np.float32)) if flip_axes else array.copy()
@@ -80,15 +86,8 @@ def network_fill(
     if slice_prefill == "auto" and whole_slices:
         order = choose_slice_order(array, valid_slices, read=lambda ks: network_input((slice(None), slice(None), ks)))
 
-    inferer = SlidingWindowInferer(
-        roi_size=roi,
-        sw_batch_size=settings.sw_batch_size,
-        overlap=settings.overlap,
-        mode=settings.blend_mode,
-        progress=progress,
-        sw_device=device,
-        device=torch.device("cpu"),
-    )
+    batch = sw_batch_size(settings.sw_batch_size, device, roi)
+    stitch_device = device  # the blended crop stays on the GPU until it is done, unless memory runs out
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         if device.type == "cuda"
@@ -116,9 +115,18 @@ def network_fill(
             x = np.stack([image, mask])[None]
             if axes:
                 x = np.flip(x, axis=tuple(a + 2 for a in axes))
-            with torch.inference_mode(), autocast:
-                y = inferer(torch.from_numpy(np.ascontiguousarray(x)), predict)
-            y = y.float().numpy()[0, 0]
+            while True:
+                inferer = SlidingWindowInferer(
+                    roi_size=roi, sw_batch_size=batch, overlap=settings.overlap, mode=settings.blend_mode,
+                    progress=progress and len(boxes) < 2, sw_device=device, device=stitch_device,
+                )
+                try:
+                    with torch.inference_mode(), autocast:
+                        y = inferer(torch.from_numpy(np.ascontiguousarray(x)), predict)
+                    break
+                except torch.OutOfMemoryError:
+                    batch, stitch_device = _after_out_of_memory(batch, stitch_device)
+            y = y.float().cpu().numpy()[0, 0]
             predictions.append(np.flip(y, axis=axes) if axes else y)
             bar.update(1)
         stacked = np.stack(predictions)
@@ -132,7 +140,44 @@ def network_fill(
             spread_box[inside] = std[inside]
             spread[box] = spread_box
     bar.close()
+    if run_info is not None:
+        run_info |= {"sw_batch_size": batch, "stitch_device": str(stitch_device)}
     return (result, spread) if flip_axes else result
+
+
+# Activation memory per window voxel of the shipped UNet under autocast, with headroom (measured
+# peak is about a third of this); only used to size the batch from the free GPU memory.
+_CUDA_BYTES_PER_VOXEL = 600
+
+
+def sw_batch_size(setting: int | str, device: torch.device, roi: tuple[int, ...]) -> int:
+    """Windows per forward pass: the setting, or for ``auto`` one on the CPU (fastest per voxel
+    there: a bigger batch spills the caches) and as many as half the free GPU memory holds."""
+    if setting != "auto":
+        if not isinstance(setting, int) or isinstance(setting, bool) or setting < 1:
+            raise MedinpaintError(f"sw_batch_size must be a positive integer or auto, not {setting!r}")
+        return setting
+    if device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    return batch_for_memory(free, roi)
+
+
+def batch_for_memory(free_bytes: int, roi: tuple[int, ...], most: int = 16) -> int:
+    return int(min(max(free_bytes // 2 // (int(np.prod(roi)) * _CUDA_BYTES_PER_VOXEL), 1), most))
+
+
+def _after_out_of_memory(batch: int, stitch_device: torch.device) -> tuple[int, torch.device]:
+    """Smaller batches first, then stitching on the CPU; only then give up with a clear error."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if batch > 1:
+        log.warning("out of GPU memory with %d windows per pass; retrying with %d", batch, batch // 2)
+        return batch // 2, stitch_device
+    if stitch_device.type != "cpu":
+        log.warning("out of GPU memory with one window per pass; stitching on the CPU instead")
+        return batch, torch.device("cpu")
+    raise MedinpaintError("out of GPU memory even with one window per pass; use --device cpu or a smaller roi_size")
 
 
 def _prefilled(
