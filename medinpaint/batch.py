@@ -154,7 +154,7 @@ def run_batch(
         digest = input_sha256(volume)
         if is_complete(case, output_of(case), digest):
             return "skipped", None, None, time.perf_counter() - started
-        artifacts = find_artifacts(volume, slice_settings=settings.slices)
+        artifacts = find_artifacts(volume, slice_settings=settings.slices, metal_settings=settings.metal)
         return "todo", volume, artifacts, time.perf_counter() - started
 
     def write(case: Case, correction, started: float) -> CaseResult:

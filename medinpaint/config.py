@@ -13,13 +13,14 @@ from typing import Any
 
 import yaml
 
+from medinpaint.artifacts.metal import MetalDetection
 from medinpaint.artifacts.slices import SliceDetection
 from medinpaint.errors import MedinpaintError
 
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    roi_size: tuple[int, int, int] = (96, 96, 32)
+    roi_size: tuple[int, int, int] = (128, 128, 16)
     overlap: float = 0.25
     sw_batch_size: int | str = "auto"  # windows per forward pass; auto: 1 on CPU, from free memory on CUDA
     blend_mode: str = "gaussian"
@@ -32,6 +33,7 @@ class InferenceSettings:
 class Settings:
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     slices: SliceDetection = field(default_factory=SliceDetection)
+    metal: MetalDetection = field(default_factory=MetalDetection)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class DataSettings:
     procedural_ct: int = 16
     procedural_mr: int = 8
     procedural_shape: tuple[int, int, int] = (112, 112, 72)
+    metal_pairs: int = 0  # task metal: simulated metal scans made from data.ct (cached in output_dir/pairs)
+    metal_views: int = 360  # task metal: views of those simulated scans (720 is a clinical scanner; slower)
+    metal_pixel_mm: float = 1.5  # task metal: in-plane pixel the sources are resampled to before simulation
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class AdversarialSettings:
 @dataclass(frozen=True)
 class TrainSettings:
     seed: int = 0
+    task: str = "slices"  # slices: missing slices and holes, damaged on the fly; metal: streaks, from simulated pairs
     output_dir: str = "runs/default"
     steps: int = 2000
     batch_size: int = 4

@@ -16,9 +16,12 @@ CLEAN = ["ct_abdomen_3mm.nii.gz", "ct_abdomen_dicom", "mr_brain_t1.nrrd"]
 @pytest.mark.parametrize("name", CLEAN)
 def test_clean_scan_flags_nothing(name):
     volume = medinpaint.load(shared(name))
-    found = medinpaint.find_artifacts(volume)
+    # ct_abdomen_3mm holds a real hip implant (tests/test_metal.py): here only slice problems count.
+    found = medinpaint.find_artifacts(volume, artifacts="slices")
     assert found.bad_slices == {}
     assert not found.labels.any()
+    if name != "ct_abdomen_3mm.nii.gz":  # nothing at all under auto, metal included
+        assert not medinpaint.find_artifacts(volume).labels.any()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from medinpaint.artifacts.labels import LABEL_NAMES, ArtifactKind
+from medinpaint.artifacts.metal import MetalDetection, find_metal_artifacts
 from medinpaint.artifacts.slices import SliceDetection, find_slice_artifacts
 from medinpaint.data.load import load
 from medinpaint.data.volume import Volume
@@ -24,6 +25,7 @@ class ArtifactMask:
     affine: np.ndarray
     bad_slices: dict[int, ArtifactKind] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)  # what produced the mask
+    metal_corrected: dict[int, np.ndarray] = field(default_factory=dict)  # k -> NMAR/LI slice (HU) where there is metal
 
     @property
     def synthesized(self) -> np.ndarray:
@@ -59,11 +61,14 @@ def find_artifacts(
     artifacts: str = "auto",
     user_mask: str | Path | np.ndarray | None = None,
     slice_settings: SliceDetection | None = None,
+    metal_settings: MetalDetection | None = None,
+    progress: bool = False,
 ) -> ArtifactMask:
     """Detect what is broken.  A user mask replaces detection of everything but missing slices.
 
     Missing slices (placeholders inserted by the loader) are always flagged: they carry no
-    data whatever the user asks, so they must be synthesized or the output is a lie.
+    data whatever the user asks, so they must be synthesized or the output is a lie.  ``auto``
+    looks for bad slices and, in a CT, for metal; metal itself is labelled but never replaced.
     """
     if artifacts not in ARTIFACT_CHOICES:
         raise MedinpaintError(f"unknown artifact kind {artifacts!r}; choose from {', '.join(ARTIFACT_CHOICES)}")
@@ -83,16 +88,21 @@ def find_artifacts(
         bad = {k: ArtifactKind.MISSING_SLICE for k in volume.placeholder_slices}
         sources.append("missing slice positions")
 
-    if artifacts == "metal" and user_mask is None:
-        raise MedinpaintError("metal artifact detection is not available yet; use --artifacts slices or --mask")
-
     for k, kind in bad.items():
         labels[:, :, k] = kind
+    corrected: dict[int, np.ndarray] = {}
+    if user_mask is None and (artifacts == "metal" or (artifacts == "auto" and volume.modality == "CT")):
+        found = find_metal_artifacts(volume, metal_settings, skip_slices=set(bad), progress=progress)
+        if found.metal.any():
+            labels[found.metal & (labels == 0)] = ArtifactKind.METAL
+            labels[found.streaks & (labels == 0)] = ArtifactKind.METAL_STREAK
+            corrected = found.corrected
+            sources.append(f"metal threshold and {found.method.upper()} streak detection")
     invalid = ~np.isfinite(volume.array) & (labels == 0)
     if invalid.any():
         labels[invalid] = ArtifactKind.INVALID_VOXEL
         sources.append("non-finite voxels")
-    return ArtifactMask(labels=labels, affine=volume.affine.copy(), bad_slices=bad, sources=sources)
+    return ArtifactMask(labels=labels, affine=volume.affine.copy(), bad_slices=bad, sources=sources, metal_corrected=corrected)
 
 
 def _user_mask_array(user_mask, volume: Volume) -> np.ndarray:

@@ -33,7 +33,8 @@ def _load(args: argparse.Namespace):
 
 
 def _artifacts(args: argparse.Namespace, volume, settings):
-    found = find_artifacts(volume, artifacts=args.artifacts, user_mask=args.mask, slice_settings=settings.slices)
+    found = find_artifacts(volume, artifacts=args.artifacts, user_mask=args.mask, slice_settings=settings.slices,
+                           metal_settings=settings.metal, progress=not getattr(args, "quiet", False))
     counts = found.counts()
     if counts:
         slices = ", ".join(f"{k}:{v.name.lower()}" for k, v in sorted(found.bad_slices.items()))
@@ -214,15 +215,39 @@ def simulate(args: argparse.Namespace) -> int:
     from medinpaint.simulate import simulate as damage
 
     out, mask_path, fmt = file_pair(args.output, "damage_mask", "the simulated volume")
+    if args.artifact == "metal":
+        return _simulate_metal(args, out, mask_path, fmt)
     check_files([out, mask_path], args.overwrite)
     volume = _load(args)
-    damaged, truth = damage(volume, args.artifact, seed=args.seed, count=args.count, run=args.run)
+    damaged, truth = damage(volume, args.artifact, seed=args.seed, count=args.count or 5, run=args.run)
     dtype = volume.source.stored_dtype if volume.source else None
     with StagedOutputs(overwrite=args.overwrite) as staged:
         write_file(damaged, staged.path_for(out), fmt, dtype, f"medinpaint simulate {args.artifact} seed {args.seed}")
         write_file(volume.with_array(truth.astype(np.uint8)), staged.path_for(mask_path), fmt, "uint8", "medinpaint damage mask")
     k = sorted(set(np.nonzero(truth.any(axis=(0, 1)))[0].tolist())) if args.artifact == "slices" else None
     _say(args, f"wrote {out} and {mask_path}: {int(truth.sum())} damaged voxels" + (f" (slices {k})" if k else ""))
+    return 0
+
+
+def _simulate_metal(args: argparse.Namespace, out: Path, mask_path: Path, fmt: str) -> int:
+    from medinpaint.simulate import simulate_metal_volume
+
+    _, reference_path, _ = file_pair(out, "reference", "the simulated volume")
+    check_files([out, mask_path, reference_path], args.overwrite)
+    volume = _load(args)
+    if args.views < 16:
+        raise MedinpaintError(f"--views must be at least 16, not {args.views}")
+    damaged, labels, reference = simulate_metal_volume(
+        volume, seed=args.seed, count=args.count or 1, kind=args.kind, views=args.views, channels=round(736 * args.views / 720),
+    )
+    note = f"medinpaint simulate metal seed {args.seed}"
+    with StagedOutputs(overwrite=args.overwrite) as staged:
+        write_file(damaged, staged.path_for(out), fmt, None, note)
+        write_file(volume.with_array(labels), staged.path_for(mask_path), fmt, "uint8", "medinpaint metal 7, artifact 6")
+        write_file(reference, staged.path_for(reference_path), fmt, None, note + " metal-free reference")
+    ks = sorted(set(np.nonzero(labels.any(axis=(0, 1)))[0].tolist()))
+    _say(args, f"wrote {out}, {mask_path} and {reference_path}: {int((labels == 7).sum())} metal voxels, "
+               f"{int((labels == 6).sum())} artifact voxels in slices {ks[0]}..{ks[-1]}")
     return 0
 
 

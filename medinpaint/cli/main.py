@@ -120,12 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
     p.set_defaults(handler=commands.train)
 
-    p = sub.add_parser("simulate", parents=[common], help="write a damaged copy of a clean volume and its ground-truth mask")
+    p = sub.add_parser(
+        "simulate", parents=[common], help="write a damaged copy of a clean volume and its ground-truth mask",
+        description="Damage a clean volume in a known way, to score a correction against the truth. "
+        "slices: blank runs of slices; holes: random 3D holes; metal (CT): insert metal objects and re-scan "
+        "the slices holding them (polychromatic 120 kVp, Poisson noise, water beam-hardening correction, "
+        "fan-beam FBP), also writing the metal-free reference scanned the same way (<stem>_desc-reference<ext>). "
+        "The mask labels metal 7 and the true artifact 6 (|damaged - reference| > 50 HU).",
+    )
     _add_input(p)
     p.add_argument("output", metavar="OUTPUT", help="damaged volume file; the mask goes to <stem>_desc-damage_mask<ext>")
-    p.add_argument("--artifact", default="slices", choices=("slices", "holes"), help="what damage to simulate")
+    p.add_argument("--artifact", default="slices", choices=("slices", "holes", "metal"), help="what damage to simulate")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same damage)")
-    p.add_argument("--count", type=int, default=5, help="slices: number of damaged runs (default 5)")
+    p.add_argument("--count", type=int, help="slices: number of damaged runs (default 5); metal: objects (default 1)")
+    p.add_argument("--kind", choices=("ball", "rod", "screw", "irregular"), help="metal: object shape (default: random)")
+    p.add_argument("--views", type=int, default=720,
+                   help="metal: views of the simulated scan over 360 degrees (default 720, with 736 channels; "
+                        "channels scale with views; fewer is faster and coarser)")
     p.add_argument("--run", type=int, default=1, help="slices: consecutive slices per run (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(handler=commands.simulate)

@@ -84,6 +84,17 @@ class Volume:
             raise ValueError(f"shape {array.shape} does not match volume {self.array.shape}")
         return replace(self, array=array)
 
+    def slab(self, start: int, stop: int) -> "Volume":
+        """Slices ``start..stop-1`` as a volume of their own: the origin moves, nothing else changes.
+
+        A new, standalone scan (no source, no placeholders): for simulation and training pairs.
+        """
+        if not 0 <= start < stop <= self.shape[2]:
+            raise MedinpaintError(f"slab {start}:{stop} is outside the {self.shape[2]} slices")
+        affine = self.affine.copy()
+        affine[:3, 3] = self.affine[:3, :3] @ np.array([0.0, 0.0, float(start)]) + self.affine[:3, 3]
+        return Volume(np.ascontiguousarray(self.array[:, :, start:stop]), affine, modality=self.modality)
+
     def same_grid(self, other: "Volume", atol_mm: float = 1e-3) -> bool:
         return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol_mm)
 

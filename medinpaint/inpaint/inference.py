@@ -58,13 +58,15 @@ def network_fill(
     flip_axes: tuple[int, ...] = (),
     slice_prefill: str = "linear",
     run_info: dict | None = None,
+    holes_prefilled: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Return ``array`` with ``holes`` filled by the network (values in the input's units).
 
     With ``flip_axes`` the prediction is averaged over flipped copies (test-time
     augmentation) and the per-voxel standard deviation is returned as well.  ``run_info``,
     when given, receives what the run actually used (batch size and stitching device after
-    any out-of-memory retries).
+    any out-of-memory retries).  With ``holes_prefilled`` the holes of ``array`` already
+    hold the network's starting point (e.g. an NMAR correction) and are refined as they are.
     """
     if not holes.any():
         return (array.copy(), np.zeros(array.shape, np.float32)) if flip_axes else array.copy()
@@ -78,6 +80,8 @@ def network_fill(
     def network_input(index: tuple[slice, ...]) -> np.ndarray:
         # Only crops are normalised, never the whole volume: one copy of the scan (the result) is enough.
         raw = array[index]
+        if holes_prefilled:
+            return normalizer.forward(np.nan_to_num(raw).astype(np.float32))
         return normalizer.forward(np.where(holes[index] | ~np.isfinite(raw), 0.0, raw).astype(np.float32))
 
     bad = set(whole_slices)
@@ -108,13 +112,17 @@ def network_fill(
     spread = np.zeros(array.shape, dtype=np.float32) if flip_axes else None
     bar = tqdm(total=len(boxes) * (1 + len(flip_axes)), desc="inpainting", unit="region", disable=not progress or len(boxes) < 2)
     for box in boxes:
-        image, inner = _pad_to(_prefilled(network_input, holes, bad, valid_slices, box, order), roi)
-        mask, _ = _pad_to(holes[box].astype(np.float32), roi)
-        predictions = []
+        # Per box only the network input and the hole values are held: a few crops, never the scan.
+        inside = holes[box]
+        start = network_input(box) if holes_prefilled else _prefilled(network_input, holes, bad, valid_slices, box, order)
+        image, inner = _pad_to(start, roi)
+        x = torch.empty((1, 2) + image.shape, dtype=torch.float32)
+        x[0, 0] = torch.from_numpy(image)
+        del image
+        x[0, 1] = torch.from_numpy(_pad_to(inside.astype(np.float32), roi)[0])
+        total = squares = None
         for axes in ((),) + tuple((a,) for a in flip_axes):
-            x = np.stack([image, mask])[None]
-            if axes:
-                x = np.flip(x, axis=tuple(a + 2 for a in axes))
+            flipped = torch.flip(x, dims=[a + 2 for a in axes]) if axes else x
             while True:
                 inferer = SlidingWindowInferer(
                     roi_size=roi, sw_batch_size=batch, overlap=settings.overlap, mode=settings.blend_mode,
@@ -122,23 +130,20 @@ def network_fill(
                 )
                 try:
                     with torch.inference_mode(), autocast:
-                        y = inferer(torch.from_numpy(np.ascontiguousarray(x)), predict)
+                        y = inferer(flipped, predict)[0, 0].float().cpu()
                     break
                 except torch.OutOfMemoryError:
                     batch, stitch_device = _after_out_of_memory(batch, stitch_device)
-            y = y.float().cpu().numpy()[0, 0]
-            predictions.append(np.flip(y, axis=axes) if axes else y)
+            values = (torch.flip(y, dims=list(axes)) if axes else y).numpy()[inner][inside].astype(np.float64)
+            del y, flipped
+            total = values if total is None else total + values
+            squares = values**2 if squares is None else squares + values**2
             bar.update(1)
-        stacked = np.stack(predictions)
-        inside = holes[box]
-        sub = result[box]
-        sub[inside] = normalizer.inverse(stacked.mean(axis=0)[inner])[inside]
-        result[box] = sub
+        runs = 1 + len(flip_axes)
+        mean = total / runs
+        result[box][inside] = normalizer.inverse(mean)
         if spread is not None:
-            std = (stacked.std(axis=0)[inner] * normalizer.scale).astype(np.float32)
-            spread_box = spread[box]
-            spread_box[inside] = std[inside]
-            spread[box] = spread_box
+            spread[box][inside] = np.sqrt(np.maximum(squares / runs - mean**2, 0.0)) * normalizer.scale
     bar.close()
     if run_info is not None:
         run_info |= {"sw_batch_size": batch, "stitch_device": str(stitch_device)}

@@ -19,6 +19,7 @@ from medinpaint.inpaint.network import InpaintingUNet
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL = "medinpaint-slices-v2"  # the best measured (benchmarks/quality.py)
+DEFAULT_METAL_MODEL = "medinpaint-metal-v1"  # refines NMAR inside metal streak regions (benchmarks/metal.py)
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class ModelInfo:
     sha256: str
     features: tuple[int, ...]
     metadata: dict
+
+    @property
+    def task(self) -> str:
+        """What the model fills: "slices" (missing slices and holes) or "metal" (streaks, from NMAR)."""
+        return str(self.metadata.get("task", "slices"))
 
     @property
     def slice_prefill(self) -> str:

@@ -83,7 +83,46 @@ def source_items(settings: TrainSettings) -> list[dict]:
     return items
 
 
+def metal_items(settings: TrainSettings, progress: bool) -> list[dict]:
+    """Simulated metal pairs (made once, then read from output_dir/pairs)."""
+    from medinpaint.training.metal_pairs import make_pairs, pair_sources
+
+    data = settings.data
+    if data.metal_pairs < 1 or not data.ct:
+        raise MedinpaintError("task metal needs data.metal_pairs > 0 and clean CT in data.ct")
+    out = Path(settings.output_dir) / "pairs"
+    wanted = [out / f"pair-{n:04d}.npz" for n in range(data.metal_pairs)]
+    if not all(p.exists() for p in wanted):
+        make_pairs(pair_sources(data.ct, data.metal_pixel_mm), data.metal_pairs, out, settings.seed, data.metal_views,
+                   progress=progress)
+    return [{"path": str(p)} for p in wanted]
+
+
+def metal_pipeline(settings: TrainSettings) -> Compose:
+    """Crops that mostly hold streaks, flipped and turned in-plane (streaks have no preferred direction)."""
+    from monai.transforms import RandCropByPosNegLabeld
+
+    from medinpaint.training.metal_pairs import LoadMetalPair
+
+    keys = ["image", "prefilled", "mask"]
+    patch = tuple(settings.patch_size)
+    return Compose(
+        [
+            LoadMetalPair(),
+            SpatialPadd(keys=keys, spatial_size=patch, mode="edge"),
+            RandCropByPosNegLabeld(keys=keys, label_key="mask", spatial_size=patch, pos=3, neg=1,
+                                   num_samples=settings.patches_per_volume),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
+            RandRotate90d(keys=keys, prob=0.5, spatial_axes=(0, 1)),
+        ]
+    )
+
+
 def patch_pipeline(settings: TrainSettings) -> Compose:
+    if settings.task == "metal":
+        return metal_pipeline(settings)
     patch = tuple(settings.patch_size)
     crop = tuple(int(math.ceil(p * settings.crop_margin)) for p in patch)
     return Compose(
@@ -130,6 +169,8 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
     """Train; return the path of the best exported model (safetensors)."""
     if settings.slice_prefill not in SLICE_ORDERS:
         raise MedinpaintError(f"slice_prefill {settings.slice_prefill!r}: choose one of {', '.join(SLICE_ORDERS)}")
+    if settings.task not in ("slices", "metal"):
+        raise MedinpaintError(f"task {settings.task!r}: choose slices or metal")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     rank = int(os.environ.get("RANK", "0"))
     device = _pick_device(settings.device)
@@ -150,7 +191,14 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
         launch = {"world_size": world, "backend": dist.get_backend() if world > 1 else None, "device": str(device)}
         (out_dir / "launch.json").write_text(json.dumps(launch, indent=2))
 
-    items = source_items(settings)
+    if settings.task == "metal":
+        if main_process:
+            metal_items(settings, progress=True)  # simulate once, on one rank
+        if world > 1:
+            dist.barrier()
+        items = metal_items(settings, progress=False)
+    else:
+        items = source_items(settings)
     pipeline = patch_pipeline(settings)
     dataset = CacheDataset(items, transform=pipeline, progress=False, num_workers=1)
     loader = DataLoader(dataset, batch_size=max(1, settings.batch_size // settings.patches_per_volume), shuffle=True, num_workers=1)
@@ -227,7 +275,7 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
                     best = metrics["rmse_network"]
                     save_model(model, out_dir / "best.safetensors", name=out_dir.name, steps=step,
                                validation=metrics, trained_with=f"medinpaint {__version__}",
-                               slice_prefill=settings.slice_prefill)
+                               slice_prefill=settings.slice_prefill, task=settings.task)
             if main_process and (step % settings.checkpoint_every == 0 or step == settings.steps):
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "step": step, "best": best}
@@ -252,7 +300,7 @@ def _validation_batches(settings: TrainSettings, items: list[dict]) -> list[dict
     batches = []
     rng = np.random.default_rng(settings.seed + 99_991)
     cache: dict[int, dict] = {}
-    loader = LoadNormalized()
+    loader = pipeline.transforms[0]  # the deterministic read
     random_part = Compose(pipeline.transforms[1:])
     while len(batches) < settings.validation_patches:
         index = int(rng.integers(len(items)))

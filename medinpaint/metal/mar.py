@@ -1,0 +1,100 @@
+"""Classical metal-artifact reduction from reconstructed images only (no raw data needed).
+
+Both methods re-project the image, treat the metal trace as missing data and re-fill it: LI
+(Kalender et al. 1987) by linear interpolation along the detector, NMAR (Meyer et al. 2010)
+by interpolating the sinogram normalised by a tissue-class prior, which keeps edges of bone and
+body outline that LI smears into new streaks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from medinpaint.metal.fanbeam import FanBeamGeometry, fbp, project
+
+MU_SCALE = 1.0 / 1000.0  # projections are of (HU + 1000) / 1000: water = 1, air = 0
+
+
+def _prepare(image_hu, metal_mask, geometry: FanBeamGeometry):
+    img = torch.as_tensor(image_hu).float()
+    squeeze = img.dim() == 2
+    img = img[None] if squeeze else img
+    mask = torch.as_tensor(metal_mask, device=img.device).bool()
+    mask = mask[None] if mask.dim() == 2 else mask
+    if img.dim() != 3 or tuple(img.shape[-2:]) != tuple(geometry.image_shape):
+        raise ValueError(f"image_hu must be (B, H, W) with (H, W) = {tuple(geometry.image_shape)}, got {tuple(img.shape)}")
+    if tuple(mask.shape) != tuple(img.shape):
+        raise ValueError(f"metal_mask shape {tuple(mask.shape)} does not match image_hu {tuple(img.shape)}")
+    return img, mask, squeeze
+
+
+def metal_trace(geometry: FanBeamGeometry, metal_mask: torch.Tensor) -> torch.Tensor:
+    """Detector bins whose ray touches the metal (bilinear projection > 0 widens it by ~1 bin)."""
+    return project(geometry, metal_mask.float()) > 1e-3 * geometry.ray_step_mm
+
+
+def interpolate_trace(sinogram: torch.Tensor, trace: torch.Tensor) -> torch.Tensor:
+    """Replace trace bins by linear interpolation between the nearest clean bins of the same view."""
+    n_c = sinogram.shape[-1]
+    idx = torch.arange(n_c, device=sinogram.device).expand_as(sinogram)
+    clean = ~trace
+    left = torch.where(clean, idx, torch.full_like(idx, -1)).cummax(-1).values
+    right = torch.where(clean, idx, torch.full_like(idx, n_c)).flip(-1).cummin(-1).values.flip(-1)
+    has_l, has_r = left >= 0, right < n_c
+    vl = torch.gather(sinogram, -1, left.clamp(0, n_c - 1))
+    vr = torch.gather(sinogram, -1, right.clamp(0, n_c - 1))
+    wgt = ((idx - left).float() / (right - left).clamp(min=1).float()).clamp(0, 1)
+    filled = torch.where(has_l & has_r, vl + wgt * (vr - vl), torch.where(has_l, vl, torch.where(has_r, vr, torch.zeros_like(vl))))
+    return torch.where(trace, filled, sinogram)
+
+
+def _finish(corrected, img, mask, geometry, filter, squeeze):
+    # A plain FBP of the corrected sinogram, not img + FBP(corrected - original): the latter keeps
+    # the image's sharpness but also the one-pixel streaks that a project/FBP round trip cannot
+    # cancel, and measured worse (RMSE ~75 vs ~40 HU on the simulated abdomen).
+    out = fbp(geometry, corrected, filter=filter) / MU_SCALE - 1000.0
+    out = torch.where(mask, img, out)
+    return out[0] if squeeze else out
+
+
+def li_mar(image_hu, metal_mask, geometry: FanBeamGeometry, filter: str = "shepp-logan") -> torch.Tensor:
+    """Linear-interpolation MAR; metal voxels are put back with their original values."""
+    img, mask, squeeze = _prepare(image_hu, metal_mask, geometry)
+    sino = project(geometry, (img.clamp(min=-1000) + 1000.0) * MU_SCALE)
+    trace = metal_trace(geometry, mask)
+    return _finish(interpolate_trace(sino, trace), img, mask, geometry, filter, squeeze)
+
+
+def _smooth(x: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    r = max(1, int(3 * sigma_px))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=x.device, dtype=torch.float32) / sigma_px) ** 2)
+    k = k / k.sum()
+    y = F.conv2d(F.pad(x[:, None], (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    return y[:, 0]
+
+
+def nmar_prior(li_image_hu: torch.Tensor, metal_mask: torch.Tensor, air_hu: float = -500.0, bone_hu: float = 350.0, sigma_px: float = 1.0) -> torch.Tensor:
+    """Tissue-class prior (Meyer 2010): air -> -1000, soft tissue and metal -> 0 HU, bone kept.
+
+    Thresholds act on a lightly smoothed LI image so that residual streaks do not flip classes.
+    """
+    smooth = _smooth(li_image_hu, sigma_px)
+    prior = torch.where(smooth < air_hu, torch.full_like(smooth, -1000.0), torch.zeros_like(smooth))
+    prior = torch.where(smooth > bone_hu, li_image_hu, prior)
+    return torch.where(metal_mask, torch.zeros_like(prior), prior)
+
+
+def nmar(image_hu, metal_mask, geometry: FanBeamGeometry, filter: str = "shepp-logan", air_hu: float = -500.0, bone_hu: float = 350.0) -> torch.Tensor:
+    """Normalised MAR (Meyer et al., Med. Phys. 37(10), 2010); metal voxels put back."""
+    img, mask, squeeze = _prepare(image_hu, metal_mask, geometry)
+    sino = project(geometry, (img.clamp(min=-1000) + 1000.0) * MU_SCALE)
+    trace = metal_trace(geometry, mask)
+    li_img = fbp(geometry, interpolate_trace(sino, trace), filter=filter) / MU_SCALE - 1000.0
+    prior = nmar_prior(li_img, mask, air_hu, bone_hu)
+    prior_sino = project(geometry, (prior + 1000.0) * MU_SCALE)
+    eps = 1e-3 * geometry.ray_step_mm  # rays through air only: keep the ratio finite
+    norm = sino / (prior_sino + eps)
+    corrected = interpolate_trace(norm, trace) * (prior_sino + eps)
+    return _finish(corrected, img, mask, geometry, filter, squeeze)

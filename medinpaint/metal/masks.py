@@ -1,0 +1,126 @@
+"""Where the metal is and where its artifacts are, from the reconstructed image alone.
+
+Real scans come without a metal-free twin, so inpainting needs both masks estimated: the metal
+(to keep) and the streak region (to repair).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from medinpaint.metal.fanbeam import FanBeamGeometry
+
+CLIP_HU = 3071.0  # top of the 12-bit DICOM range many scanners write
+
+
+def body_mask(hu_slices, threshold_hu: float = -500.0) -> np.ndarray:
+    """Per slice: the largest connected component above ``threshold_hu`` with its holes filled."""
+    hu = np.asarray(torch.as_tensor(hu_slices).cpu().numpy() if torch.is_tensor(hu_slices) else hu_slices)
+    squeeze = hu.ndim == 2
+    hu = hu[None] if squeeze else hu
+    if hu.ndim != 3:
+        raise ValueError(f"hu_slices must be (H, W) or (B, H, W), got shape {hu.shape}")
+    out = np.zeros(hu.shape, dtype=bool)
+    for i, s in enumerate(hu):
+        lab, n = ndimage.label(s > threshold_hu)
+        if n:
+            sizes = ndimage.sum(np.ones_like(lab), lab, range(1, n + 1))
+            out[i] = ndimage.binary_fill_holes(lab == 1 + int(np.argmax(sizes)))
+    return out[0] if squeeze else out
+
+
+def find_metal(hu_volume, threshold: float | None = None, min_voxels: int = 3, dilate: int = 1) -> np.ndarray:
+    """Bool mask of metal in a (D, H, W) or (H, W) HU array.
+
+    Default threshold 2500 HU, above dense cortical bone (<~2000 HU); 2800 HU when the data are
+    clipped at 3071 (the clip level then marks the metal core and bright streaks stay below).
+    Components smaller than ``min_voxels`` are dropped (noise spikes); the 1-voxel in-plane
+    dilation covers the partial-volume rim that an inpainting method should not trust either.
+    """
+    hu = hu_volume.detach().cpu().numpy() if torch.is_tensor(hu_volume) else np.asarray(hu_volume)
+    if hu.ndim not in (2, 3):
+        raise ValueError(f"hu_volume must be 2D or 3D, got shape {hu.shape}")
+    if min_voxels < 1 or dilate < 0:
+        raise ValueError(f"need min_voxels >= 1 and dilate >= 0, got {min_voxels}, {dilate}")
+    if threshold is None:
+        top = float(np.nanmax(hu)) if hu.size else 0.0
+        clipped = abs(top - CLIP_HU) < 1.0 and np.count_nonzero(hu >= CLIP_HU - 1) >= min_voxels
+        threshold = 2800.0 if clipped else 2500.0
+    full = hu > threshold
+    if not full.any():
+        return full
+    # Work inside the bounding box of the bright voxels (plus the dilation): labels of a whole
+    # 512 x 512 x 300 scan would take four bytes per voxel for a few implants.
+    box = tuple(
+        slice(max(int(i.min()) - dilate, 0), min(int(i.max()) + dilate + 1, n)) for i, n in zip(np.nonzero(full), full.shape)
+    )
+    mask = full[box]
+    lab, n = ndimage.label(mask)
+    if n:
+        sizes = ndimage.sum(mask, lab, range(1, n + 1))
+        keep = np.zeros(n + 1, dtype=bool)
+        keep[1:] = sizes >= min_voxels
+        mask = keep[lab]
+    if dilate:
+        structure = ndimage.generate_binary_structure(2, 1)
+        if hu.ndim == 3:
+            structure = structure[None]  # in-plane only: axial streaks do not cross slices
+        mask = ndimage.binary_dilation(mask, structure, iterations=dilate)
+    full[:] = False
+    full[box] = mask
+    return full
+
+
+def streak_region(hu_slices, metal_mask, geometry: FanBeamGeometry, nmar_image=None, threshold_hu: float = 40.0, sigma_px: float = 1.5, grow_px: int = 1, min_pixels: int = 10) -> np.ndarray:
+    """Bool (B, H, W) region of metal artifacts: where the image departs from its NMAR correction.
+
+    NMAR removes most of the metal's streaks but little else, so |image - NMAR| (smoothed to
+    suppress the noise difference) marks the artifacts; the result is closed, grown by ``grow_px``
+    and excludes the metal itself. The NMAR image is computed when not given.
+    """
+    from medinpaint.metal.mar import nmar
+
+    img = torch.as_tensor(hu_slices).float()
+    squeeze = img.dim() == 2
+    mask = torch.as_tensor(metal_mask).bool()
+    if nmar_image is None:
+        nmar_image = nmar(img, mask, geometry)
+    ref = torch.as_tensor(nmar_image).float()
+    if tuple(ref.shape) != tuple(img.shape) or tuple(mask.shape) != tuple(img.shape):
+        raise ValueError(f"hu_slices {tuple(img.shape)}, metal_mask {tuple(mask.shape)} and nmar_image {tuple(ref.shape)} must match")
+    if threshold_hu <= 0:
+        raise ValueError(f"threshold_hu must be > 0, got {threshold_hu}")
+    diff = (img - ref).abs().cpu().numpy()
+    metal = mask.cpu().numpy()
+    if squeeze:
+        diff, metal = diff[None], metal[None]
+    out = np.zeros(diff.shape, dtype=bool)
+    for i in range(diff.shape[0]):
+        d = ndimage.gaussian_filter(np.where(metal[i], 0.0, diff[i]), sigma_px)
+        region = ndimage.binary_closing(d > threshold_hu, iterations=2)
+        lab, n = ndimage.label(region)
+        if n:
+            sizes = ndimage.sum(region, lab, range(1, n + 1))
+            keep = np.zeros(n + 1, dtype=bool)
+            keep[1:] = sizes >= min_pixels
+            region = keep[lab]
+        if grow_px:
+            region = ndimage.binary_dilation(region, iterations=grow_px)
+        out[i] = region & ~metal[i]
+    return out[0] if squeeze else out
+
+
+def overlap(pred, truth) -> dict[str, float]:
+    """Dice, recall and precision of a predicted mask against a true one."""
+    p, t = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    if p.shape != t.shape:
+        raise ValueError(f"mask shapes differ: {p.shape} vs {t.shape}")
+    inter = float(np.count_nonzero(p & t))
+    n_p, n_t = float(np.count_nonzero(p)), float(np.count_nonzero(t))
+    return {
+        "dice": 2 * inter / (n_p + n_t) if n_p + n_t else 1.0,
+        "recall": inter / n_t if n_t else 1.0,
+        "precision": inter / n_p if n_p else 1.0,
+    }

@@ -1,0 +1,93 @@
+"""Simulated metal-artifact training pairs from clean CT, made once and cached as .npz files.
+
+Each pair is a stack of slices re-scanned with inserted metal (``simulate_metal_volume``) and
+prepared exactly as ``correct`` prepares a real scan: metal and streak region detected from the
+damaged image alone, NMAR written into the streak region.  The network learns to turn that
+input into the metal-free reference scan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from monai.transforms import MapTransform
+from scipy import ndimage
+from tqdm import tqdm
+
+from medinpaint.artifacts.find import find_artifacts
+from medinpaint.artifacts.labels import ArtifactKind
+from medinpaint.artifacts.metal import MetalDetection
+from medinpaint.data.load import load
+from medinpaint.data.volume import Volume
+from medinpaint.errors import MedinpaintError
+from medinpaint.inpaint.normalize import Normalizer
+from medinpaint.simulate import simulate_metal_volume
+
+
+def pair_sources(paths: tuple[str, ...], pixel_mm: float) -> list[Volume]:
+    """Clean CTs resampled in-plane to ``pixel_mm`` (k untouched), with metal they already hold cut away."""
+    sources = []
+    for path in paths:
+        volume = load(path, modality="CT")
+        array = np.nan_to_num(volume.array, nan=-1024.0)
+        zoom = [s / pixel_mm for s in volume.spacing[:2]] + [1.0]
+        if any(abs(z - 1) > 1e-3 for z in zoom):
+            array = ndimage.zoom(array, zoom, order=1)
+        keep = ~(array > 2000).any(axis=(0, 1))  # slices with real metal (or near it) cannot be a clean reference
+        runs = np.split(np.flatnonzero(keep), np.flatnonzero(np.diff(np.flatnonzero(keep)) > 1) + 1)
+        longest = max(runs, key=len)
+        affine = volume.affine.copy()
+        affine[:3, :2] = affine[:3, :2] / np.array(zoom[:2])
+        sources.append(Volume(np.ascontiguousarray(array[:, :, longest]).astype(np.float32), affine, modality="CT"))
+    return sources
+
+
+def make_pairs(
+    sources: list[Volume], count: int, out_dir: Path, seed: int, views: int, slab: int = 16, progress: bool = True
+) -> list[Path]:
+    """Write ``count`` pairs (skipping those already there, so an interrupted run resumes)."""
+    if not sources:
+        raise MedinpaintError("metal training needs clean CT sources (data.ct)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = MetalDetection()  # detection exactly as `correct` does it
+    paths = []
+    for n in tqdm(range(count), desc="simulating metal pairs", unit="pair", disable=not progress):
+        path = out_dir / f"pair-{n:04d}.npz"
+        paths.append(path)
+        if path.exists():
+            continue
+        rng = np.random.default_rng([seed, n])
+        source = sources[int(rng.integers(len(sources)))]
+        start = int(rng.integers(0, max(source.shape[2] - slab, 0) + 1))
+        volume = source.slab(start, min(start + slab, source.shape[2]))
+        damaged, _, reference = simulate_metal_volume(
+            volume, seed=int(rng.integers(2**31)), count=int(rng.integers(1, 3)), views=views, channels=round(736 * views / 720),
+        )
+        found = find_artifacts(damaged, artifacts="metal", metal_settings=settings)
+        streaks = found.labels == ArtifactKind.METAL_STREAK
+        prefilled = damaged.array.copy()
+        for k, corrected in found.metal_corrected.items():
+            prefilled[:, :, k][streaks[:, :, k]] = corrected[streaks[:, :, k]]
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, reference=reference.array, prefilled=prefilled, mask=streaks,
+                            metal=found.labels == ArtifactKind.METAL)
+        tmp.replace(path)
+    return paths
+
+
+class LoadMetalPair(MapTransform):
+    """Read one cached pair, normalised like CT at inference: image (target), prefilled, mask."""
+
+    def __init__(self) -> None:
+        super().__init__(keys="path")
+
+    def __call__(self, item: dict) -> dict:
+        with np.load(item["path"]) as pair:
+            normalizer = Normalizer.for_volume(pair["reference"], "CT")
+            return {
+                "image": normalizer.forward(pair["reference"])[None],
+                "prefilled": normalizer.forward(pair["prefilled"])[None],
+                "mask": pair["mask"].astype(np.float32)[None],
+                "name": str(item["path"]),
+            }
