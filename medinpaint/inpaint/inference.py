@@ -7,8 +7,8 @@ CUDA the network runs under autocast (bf16 where supported, else fp16).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import logging
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import numpy as np
