@@ -14,7 +14,8 @@ import SimpleITK as sitk
 import medinpaint
 from medinpaint.data.save import write_file
 from medinpaint.data.volume import affine_from_itk
-from medinpaint.inpaint.models import DEFAULT_MODEL
+from medinpaint.artifacts.labels import ArtifactKind
+from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, DEFAULT_MODEL
 
 from conftest import blank_slices, files_under, shared
 
@@ -34,7 +35,8 @@ def test_classical_file_outputs_account_for_every_change(cli, tmp_path, damaged_
     path, ks, clean = damaged_ct
     out = tmp_path / f"fixed{ext}"
     before = path.read_bytes()
-    code, _, err = cli("--quiet", "correct", path, out, "--method", "classical")
+    # Slices only: this CT's real hip implant (tests/test_metal.py) would add streak labels.
+    code, _, err = cli("--quiet", "correct", path, out, "--method", "classical", "--artifacts", "slices")
     assert code == 0, err
     assert path.read_bytes() == before  # input untouched
     stem = "fixed"
@@ -80,6 +82,10 @@ def test_network_fill_beats_nothing_and_keeps_acquired_voxels(cli, tmp_path, dam
     assert sidecar["Method"] == "network"
     assert sidecar["Model"]["Name"] == DEFAULT_MODEL and len(sidecar["Model"]["SHA256"]) == 64
     assert sidecar["Parameters"]["blend_mode"] == "gaussian"
+    # This CT's real hip implant: its streaks were refined by the metal model, its metal kept.
+    labels = medinpaint.load(tmp_path / "fixed_desc-synthesized_mask.nii.gz").array
+    assert (labels == ArtifactKind.METAL_STREAK).any() and not (labels == ArtifactKind.METAL).any()
+    assert sidecar["Parameters"]["metal"]["refined_by"]["Name"] == DEFAULT_METAL_MODEL
     spread = medinpaint.load(tmp_path / "fixed_desc-uncertainty.nii.gz").array
     assert sidecar["Uncertainty"]["File"] == "fixed_desc-uncertainty.nii.gz"
     assert (spread[~mask] == 0).all() and spread[mask].max() > 0
@@ -150,7 +156,7 @@ def test_dicom_to_dicom_keeps_hu_exactly_outside_the_mask(cli, tmp_path):
 
 def test_mask_command_writes_labels_and_summary(cli, tmp_path, damaged_ct):
     path, ks, _ = damaged_ct
-    code, _, err = cli("--quiet", "mask", path, tmp_path / "labels.nrrd")
+    code, _, err = cli("--quiet", "mask", path, tmp_path / "labels.nrrd", "--artifacts", "slices")
     assert code == 0, err
     labels = medinpaint.load(tmp_path / "labels.nrrd").array
     assert np.array_equal(np.nonzero(labels.any(axis=(0, 1)))[0], ks)

@@ -164,18 +164,20 @@ def info(args: argparse.Namespace) -> int:
 
 
 def models(args: argparse.Namespace) -> int:
-    from medinpaint.inpaint.models import DEFAULT_MODEL, list_models
+    from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, DEFAULT_MODEL, list_models
 
     found = list_models()
+    defaults = {DEFAULT_MODEL: "default for slices and holes", DEFAULT_METAL_MODEL: "default for metal streaks"}
     if args.json:
-        print(json.dumps([m.describe() | {"default": m.name == DEFAULT_MODEL} for m in found], indent=2, default=str))
+        print(json.dumps([m.describe() | {"default": defaults.get(m.name)} for m in found], indent=2, default=str))
         return 0
     if not found:
         raise MedinpaintError("no shipped models found in the package (broken installation?)")
     for m in found:
-        marker = " (default)" if m.name == DEFAULT_MODEL else ""
+        marker = f" ({defaults[m.name]})" if m.name in defaults else ""
         validation = m.metadata.get("validation", {})
-        gain = f", validation gain over interpolation {validation['gain_db']:.2f} dB" if "gain_db" in validation else ""
+        baseline = "NMAR" if m.task == "metal" else "interpolation"
+        gain = f", validation gain over {baseline} {validation['gain_db']:.2f} dB" if "gain_db" in validation else ""
         print(f"{m.name}{marker}: {m.metadata.get('steps', '?')} steps{gain}, sha256 {m.sha256[:12]}, {m.path}")
     return 0
 
