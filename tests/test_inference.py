@@ -9,7 +9,7 @@ import torch
 from medinpaint.config import InferenceSettings
 from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.inference import batch_for_memory, hole_boxes, network_fill, sw_batch_size
-from medinpaint.inpaint.models import DEFAULT_MODEL, list_models, load_model, read_info, resolve
+from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, DEFAULT_MODEL, list_models, load_model, read_info, resolve
 from medinpaint.inpaint.network import InpaintingUNet
 
 
@@ -59,20 +59,22 @@ def test_fill_touches_only_holes_and_reports_spread():
     assert (spread[~holes] == 0).all() and spread[holes].mean() > 0
 
 
-def test_shipped_default_model_is_trained_and_documented():
-    path = resolve(None)
-    assert path.name == f"{DEFAULT_MODEL}.safetensors"
+@pytest.mark.parametrize("name, task", [(None, "slices"), (DEFAULT_METAL_MODEL, "metal")])
+def test_shipped_default_models_are_trained_and_documented(name, task):
+    path = resolve(name)
+    assert path.name == f"{name or DEFAULT_MODEL}.safetensors"
     assert path.stat().st_size < 50 * 2**20  # small enough to ship in the package
     info = read_info(path)
+    assert info.task == task
     assert info.metadata["steps"] >= 100
-    assert info.metadata["validation"]["gain_db"] > 0  # it beats its linear pre-fill on validation
+    assert info.metadata["validation"]["gain_db"] > 0  # it beats its pre-fill (interpolation or NMAR) on validation
     assert path.with_suffix(".md").exists()
     assert info.sha256 in path.with_suffix(".md").read_text()
-    model, _ = load_model(None)
+    model, _ = load_model(name)
     final = dict(model.named_parameters())
     # Never random or untrained: the zero-initialised output layer has learned weights.
     assert any(p.abs().sum() > 0 for n, p in final.items() if "final" in n)
-    assert [m.name for m in list_models()].count(DEFAULT_MODEL) == 1
+    assert [m.name for m in list_models()].count(name or DEFAULT_MODEL) == 1
 
 
 class _RunsOutOfMemory(torch.nn.Module):

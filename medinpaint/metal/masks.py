@@ -31,6 +31,16 @@ def body_mask(hu_slices, threshold_hu: float = -500.0) -> np.ndarray:
     return out[0] if squeeze else out
 
 
+def drop_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """``mask`` without its connected components of fewer than ``min_size`` voxels (noise specks)."""
+    lab, n = ndimage.label(mask)
+    if not n:
+        return mask
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[1:] = ndimage.sum(mask, lab, range(1, n + 1)) >= min_size
+    return keep[lab]
+
+
 def find_metal(hu_volume, threshold: float | None = None, min_voxels: int = 3, dilate: int = 1) -> np.ndarray:
     """Bool mask of metal in a (D, H, W) or (H, W) HU array.
 
@@ -56,13 +66,7 @@ def find_metal(hu_volume, threshold: float | None = None, min_voxels: int = 3, d
     box = tuple(
         slice(max(int(i.min()) - dilate, 0), min(int(i.max()) + dilate + 1, n)) for i, n in zip(np.nonzero(full), full.shape)
     )
-    mask = full[box]
-    lab, n = ndimage.label(mask)
-    if n:
-        sizes = ndimage.sum(mask, lab, range(1, n + 1))
-        keep = np.zeros(n + 1, dtype=bool)
-        keep[1:] = sizes >= min_voxels
-        mask = keep[lab]
+    mask = drop_small_components(full[box], min_voxels)
     if dilate:
         structure = ndimage.generate_binary_structure(2, 1)
         if hu.ndim == 3:
@@ -99,13 +103,7 @@ def streak_region(hu_slices, metal_mask, geometry: FanBeamGeometry, nmar_image=N
     out = np.zeros(diff.shape, dtype=bool)
     for i in range(diff.shape[0]):
         d = ndimage.gaussian_filter(np.where(metal[i], 0.0, diff[i]), sigma_px)
-        region = ndimage.binary_closing(d > threshold_hu, iterations=2)
-        lab, n = ndimage.label(region)
-        if n:
-            sizes = ndimage.sum(region, lab, range(1, n + 1))
-            keep = np.zeros(n + 1, dtype=bool)
-            keep[1:] = sizes >= min_pixels
-            region = keep[lab]
+        region = drop_small_components(ndimage.binary_closing(d > threshold_hu, iterations=2), min_pixels)
         if grow_px:
             region = ndimage.binary_dilation(region, iterations=grow_px)
         out[i] = region & ~metal[i]
