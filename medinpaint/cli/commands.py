@@ -154,10 +154,11 @@ def info(args: argparse.Namespace) -> int:
         lo, hi = report["intensity_range"]
         print(f"  intensities {lo:g} .. {hi:g}")
     problems = found.summary()
-    if problems["bad_slices"]:
-        print("  problems    " + ", ".join(f"slice {k}: {v}" for k, v in problems["bad_slices"].items()))
-    elif problems["voxels"]:
-        print("  problems    " + ", ".join(f"{n}: {v['count']} voxels" for n, v in problems["voxels"].items()))
+    slices = [f"slice {k}: {v}" for k, v in problems["bad_slices"].items()]
+    slice_kinds = set(problems["bad_slices"].values())
+    voxels = [f"{n}: {v['count']} voxels" for n, v in problems["voxels"].items() if n not in slice_kinds]
+    if slices or voxels:
+        print("  problems    " + ", ".join(slices + voxels))
     else:
         print("  problems    none found")
     return 0
