@@ -107,3 +107,28 @@ def test_torchrun_two_cpu_processes_on_gloo(tmp_path):
     assert log["steps"] == 2
     launch = json.loads((tmp_path / "ddp" / "launch.json").read_text())
     assert launch == {"world_size": 2, "backend": "gloo", "device": "cpu"}
+
+
+def test_metal_training_simulates_pairs_once_and_learns_the_metal_task(tmp_path):
+    from medinpaint.config import DataSettings, TrainSettings
+    from medinpaint.training.train import train
+
+    settings = TrainSettings(
+        task="metal", output_dir=str(tmp_path / "metal"), steps=3, batch_size=2, patches_per_volume=2,
+        patch_size=(32, 32, 16), features=(8, 8, 16, 16, 32, 8), validation_every=3, validation_patches=2,
+        checkpoint_every=3, threads=2, device="cpu",
+        data=DataSettings(ct=(str(SAMPLE / "ct_abdomen_3mm.nii.gz"),), procedural_ct=0, procedural_mr=0,
+                          metal_pairs=2, metal_views=64, metal_pixel_mm=6.0),  # coarse and few views: fast
+    )
+    best = train(settings, log=lambda _: None)
+    pairs = sorted((tmp_path / "metal" / "pairs").glob("pair-*.npz"))
+    assert [p.name for p in pairs] == ["pair-0000.npz", "pair-0001.npz"]
+    with np.load(pairs[0]) as pair:
+        assert pair["mask"].any() and pair["metal"].any()  # streaks to learn and metal to keep
+        assert not (pair["mask"] & pair["metal"]).any()
+        changed = pair["prefilled"] != pair["reference"]
+        assert changed[pair["mask"]].mean() > 0.5
+    stamp = pairs[0].stat().st_mtime_ns
+    train(settings, log=lambda _: None)  # a second run reuses the cached pairs
+    assert pairs[0].stat().st_mtime_ns == stamp
+    assert read_info(best).task == "metal"
