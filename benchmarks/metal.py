@@ -23,15 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import medinpaint
 from medinpaint.artifacts.find import ArtifactMask, find_artifacts
 from medinpaint.artifacts.labels import ArtifactKind
-from medinpaint.artifacts.metal import MetalDetection, geometry_for
+from medinpaint.artifacts.metal import MetalDetection, metal_corrections
 from medinpaint.config import Settings
 from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, MODELS_DIR
-from medinpaint.metal.mar import li_mar
 from medinpaint.metal.masks import overlap
 from medinpaint.metrics import masked_metrics
 from medinpaint.simulate import simulate_metal_volume
@@ -69,7 +67,7 @@ def main() -> None:
                                      metal_corrected={int(k): s for k, s in zip(saved["ks"], saved["corrected"])})
         else:
             damaged, labels, reference = simulate_metal_volume(clean, seed=seed, count=args.count, kind=kind, views=args.views,
-                                                                channels=round(736 * args.views / 720))
+)
             found = find_artifacts(damaged, artifacts="metal", metal_settings=metal_settings)
             if cached:
                 args.cache.mkdir(parents=True, exist_ok=True)
@@ -88,17 +86,13 @@ def main() -> None:
         streak_mask = found.labels == ArtifactKind.METAL_STREAK
         true_artifact = labels == ArtifactKind.METAL_STREAK
 
-        geometry = geometry_for(damaged, metal_settings)
         li = damaged.array.copy()
         nmar_full = damaged.array.copy()
         detected = found.labels == ArtifactKind.METAL
+        for k, s in metal_corrections(damaged, detected, sorted(found.metal_corrected), metal_settings, method="li").items():
+            li[:, :, k] = s
         for k in found.metal_corrected:
             nmar_full[:, :, k] = found.metal_corrected[k]
-        with_metal = sorted(found.metal_corrected)
-        for i in range(0, len(with_metal), 4):
-            chunk = with_metal[i : i + 4]
-            image = torch.from_numpy(np.moveaxis(damaged.array[:, :, chunk], 2, 0).copy())
-            li[:, :, chunk] = np.moveaxis(li_mar(image, torch.from_numpy(np.moveaxis(detected[:, :, chunk], 2, 0).copy()), geometry).numpy(), 0, 2)
         results = {
             "uncorrected": score(reference.array, damaged.array, region),
             "LI": score(reference.array, li, region),

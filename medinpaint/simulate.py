@@ -53,7 +53,7 @@ TRUE_ARTIFACT_HU = 50.0  # a voxel is damaged by the metal where damaged and ref
 
 def simulate_metal_volume(
     volume: Volume, seed: int = 0, count: int = 1, kind: str | None = None, photons: float = 2e5, views: int = 720,
-    channels: int = 736,
+    channels: int | None = None,
 ) -> tuple[Volume, np.ndarray, Volume]:
     """Insert ``count`` metal objects into a clean CT and scan it: (damaged, labels, metal-free reference).
 
@@ -62,6 +62,7 @@ def simulate_metal_volume(
     once without (same noise draws), so damaged and reference differ only by the metal's
     artifacts.  Other slices are left as they are in both.  ``labels`` marks the metal (7) and
     the true artifact (6): voxels where damaged and reference differ by more than 50 HU.
+    ``channels`` defaults to a clinical 736 per 720 views.
     """
     import torch
 
@@ -87,6 +88,7 @@ def simulate_metal_volume(
         metal |= mask
         materials[mask.any(axis=(1, 2))] = material  # one material per slice (the last object placed wins)
     ks = [int(k) for k in np.flatnonzero(metal.any(axis=(1, 2)))]
+    channels = channels or round(736 * views / 720)
     geometry = FanBeamGeometry(tuple(slices.shape[1:]), (si, sj), n_views=views, n_channels=channels)
     scan = simulate_metal(
         torch.from_numpy(slices[ks].astype(np.float32)), torch.from_numpy(metal[ks]), list(materials[ks]), (si, sj), rng,

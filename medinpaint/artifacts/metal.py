@@ -94,15 +94,9 @@ def find_metal_artifacts(
     with_metal = [int(k) for k in np.flatnonzero(metal.any(axis=(1, 2)))]
     if with_metal:
         geometry = geometry_for(volume, settings)
-        correct = nmar if method == "nmar" else li_mar
-        batches = [with_metal[i : i + settings.slices_per_batch] for i in range(0, len(with_metal), settings.slices_per_batch)]
-        for ks in tqdm(batches, desc="metal correction", unit="batch", disable=not progress or len(batches) < 2):
-            image = torch.from_numpy(np.nan_to_num(slices[ks], nan=-1024.0).astype(np.float32))
-            mask = torch.from_numpy(metal[ks])
-            fixed = correct(image, mask, geometry)
+        for ks, image, mask, fixed in _corrected_batches(slices, metal, with_metal, geometry, settings, method, progress):
             streaks[ks] = streak_region(image, mask, geometry, nmar_image=fixed, threshold_hu=settings.streak_threshold_hu)
-            for k, s in zip(ks, fixed.numpy()):
-                corrected[k] = s.astype(np.float32)
+            corrected.update(zip(ks, fixed.numpy()))
     return MetalFinding(
         metal=np.moveaxis(metal, 0, 2), streaks=np.moveaxis(streaks, 0, 2), corrected=corrected, method=method
     )
@@ -115,11 +109,15 @@ def metal_corrections(
     settings = settings or MetalDetection()
     check_ct(volume)
     geometry = geometry_for(volume, settings)
+    batches = _corrected_batches(np.moveaxis(volume.array, 2, 0), np.moveaxis(metal, 2, 0), slices, geometry, settings, method)
+    return {k: s for ks, _, _, fixed in batches for k, s in zip(ks, fixed.numpy())}
+
+
+def _corrected_batches(slices, metal, ks_all: list[int], geometry, settings: MetalDetection, method: str, progress: bool = False):
+    """Yield (slice indices, image, metal mask, LI/NMAR correction) for ``ks_all`` of (k, i, j) arrays, a few slices at a time."""
     correct = nmar if method == "nmar" else li_mar
-    out: dict[int, np.ndarray] = {}
-    for i in range(0, len(slices), settings.slices_per_batch):
-        ks = slices[i : i + settings.slices_per_batch]
-        image = torch.from_numpy(np.nan_to_num(np.moveaxis(volume.array[:, :, ks], 2, 0), nan=-1024.0).astype(np.float32))
-        fixed = correct(image, torch.from_numpy(np.ascontiguousarray(np.moveaxis(metal[:, :, ks], 2, 0))), geometry)
-        out.update({k: s.astype(np.float32) for k, s in zip(ks, fixed.numpy())})
-    return out
+    batches = [ks_all[i : i + settings.slices_per_batch] for i in range(0, len(ks_all), settings.slices_per_batch)]
+    for ks in tqdm(batches, desc="metal correction", unit="batch", disable=not progress or len(batches) < 2):
+        image = torch.from_numpy(np.nan_to_num(slices[ks], nan=-1024.0).astype(np.float32))
+        mask = torch.from_numpy(np.ascontiguousarray(metal[ks]))
+        yield ks, image, mask, correct(image, mask, geometry)

@@ -241,7 +241,7 @@ def _simulate_metal(args: argparse.Namespace, out: Path, mask_path: Path, fmt: s
     if args.views < 16:
         raise MedinpaintError(f"--views must be at least 16, not {args.views}")
     damaged, labels, reference = simulate_metal_volume(
-        volume, seed=args.seed, count=args.count or 1, kind=args.kind, views=args.views, channels=round(736 * args.views / 720),
+        volume, seed=args.seed, count=args.count or 1, kind=args.kind, views=args.views,
     )
     note = f"medinpaint simulate metal seed {args.seed}"
     with StagedOutputs(overwrite=args.overwrite) as staged:

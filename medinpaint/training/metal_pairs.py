@@ -18,6 +18,8 @@ from tqdm import tqdm
 from medinpaint.artifacts.find import find_artifacts
 from medinpaint.artifacts.labels import ArtifactKind
 from medinpaint.artifacts.metal import MetalDetection
+from medinpaint.config import Settings
+from medinpaint.correct import correct
 from medinpaint.data.load import load
 from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError
@@ -62,13 +64,11 @@ def make_pairs(
         start = int(rng.integers(0, max(source.shape[2] - slab, 0) + 1))
         volume = source.slab(start, min(start + slab, source.shape[2]))
         damaged, _, reference = simulate_metal_volume(
-            volume, seed=int(rng.integers(2**31)), count=int(rng.integers(1, 3)), views=views, channels=round(736 * views / 720),
+            volume, seed=int(rng.integers(2**31)), count=int(rng.integers(1, 3)), views=views,
         )
         found = find_artifacts(damaged, artifacts="metal", metal_settings=settings)
         streaks = found.labels == ArtifactKind.METAL_STREAK
-        prefilled = damaged.array.copy()
-        for k, corrected in found.metal_corrected.items():
-            prefilled[:, :, k][streaks[:, :, k]] = corrected[streaks[:, :, k]]
+        prefilled = correct(damaged, found, method="classical", settings=Settings(metal=settings)).volume.array  # NMAR in the streaks
         tmp = path.with_suffix(".tmp.npz")
         np.savez_compressed(tmp, reference=reference.array, prefilled=prefilled, mask=streaks,
                             metal=found.labels == ArtifactKind.METAL)
