@@ -84,6 +84,7 @@ class TrainSettings:
     threads: int = 0
     device: str = "auto"
     init: str | None = None  # a shipped model name or a .safetensors file to start from
+    original_input: bool = False  # task metal: the network also reads the damaged image (not only NMAR and the mask)
     data: DataSettings = field(default_factory=DataSettings)
     adversarial: AdversarialSettings = field(default_factory=AdversarialSettings)
 

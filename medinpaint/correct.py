@@ -156,6 +156,7 @@ def _fill_streaks(
     out = network_fill(
         filled[:, :, k0:k1], streaks[:, :, k0:k1], [], "CT", net, inference, torch_device,
         progress=progress, flip_axes=(0, 1) if uncertainty else (), run_info=used, holes_prefilled=True,
+        original=volume.array[:, :, k0:k1] if info.original_input else None,
     )
     part, part_spread = out if uncertainty else (out, None)
     filled[:, :, k0:k1] = part

@@ -59,6 +59,39 @@ def test_fill_touches_only_holes_and_reports_spread():
     assert (spread[~holes] == 0).all() and spread[holes].mean() > 0
 
 
+def test_model_reading_the_original_starts_as_its_narrower_parent_and_uses_the_original(tmp_path):
+    from medinpaint.inpaint.models import save_model
+
+    torch.manual_seed(0)
+    narrow = InpaintingUNet((8, 8, 16, 16, 32, 8)).eval()
+    for p in narrow.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    wide = InpaintingUNet(narrow.features, original_input=True).eval()
+    wide.load_narrower(narrow.state_dict())
+    x, original = torch.randn(1, 1, 32, 32, 16), torch.randn(1, 1, 32, 32, 16)
+    mask = torch.zeros_like(x)
+    mask[..., 8:24, 8:24, 4:12] = 1
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x, mask, original), narrow(x, mask))  # the new channel starts at zero weight
+        with pytest.raises(ValueError, match="takes the original"):
+            wide(x, mask)
+    save_model(wide, tmp_path / "wide.safetensors", task="metal")
+    assert read_info(tmp_path / "wide.safetensors").original_input
+    loaded, _ = load_model(str(tmp_path / "wide.safetensors"))
+    for p in loaded.parameters():  # a trained model: the original channel carries weight
+        torch.nn.init.normal_(p, std=0.05)
+    array = np.random.default_rng(0).normal(0, 100, (48, 48, 24)).astype(np.float32)
+    holes = np.zeros(array.shape, bool)
+    holes[10:30, 10:30, 8:14] = True
+    settings = InferenceSettings(roi_size=(32, 32, 16))
+    fills = [network_fill(array, holes, [], "CT", loaded, settings, torch.device("cpu"), holes_prefilled=True, original=o)
+             for o in (array, array + 200)]
+    assert np.array_equal(fills[0][~holes], array[~holes])
+    assert np.abs(fills[0] - fills[1])[holes].mean() > 0.1  # the fill reads the original (ignored, it would be 0)
+    with pytest.raises(MedinpaintError, match="reads the original scan"):
+        network_fill(array, holes, [], "CT", loaded, settings, torch.device("cpu"), holes_prefilled=True)
+
+
 @pytest.mark.parametrize("name, task", [(None, "slices"), (DEFAULT_METAL_MODEL, "metal")])
 def test_shipped_default_models_are_trained_and_documented(name, task):
     path = resolve(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -132,3 +133,10 @@ def test_metal_training_simulates_pairs_once_and_learns_the_metal_task(tmp_path)
     train(settings, log=lambda _: None)  # a second run reuses the cached pairs
     assert pairs[0].stat().st_mtime_ns == stamp
     assert read_info(best).task == "metal"
+    assert not read_info(best).original_input
+    # Widened from that model to read the damaged scan too (the pairs keep it), as metal-v2 was.
+    narrow = tmp_path / "narrow.safetensors"
+    best.rename(narrow)
+    wide = train(replace(settings, init=str(narrow), original_input=True), log=lambda _: None)
+    assert pairs[0].stat().st_mtime_ns == stamp
+    assert read_info(wide).original_input and read_info(wide).task == "metal"

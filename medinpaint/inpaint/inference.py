@@ -59,6 +59,7 @@ def network_fill(
     slice_prefill: str = "linear",
     run_info: dict | None = None,
     holes_prefilled: bool = False,
+    original: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Return ``array`` with ``holes`` filled by the network (values in the input's units).
 
@@ -67,7 +68,11 @@ def network_fill(
     when given, receives what the run actually used (batch size and stitching device after
     any out-of-memory retries).  With ``holes_prefilled`` the holes of ``array`` already
     hold the network's starting point (e.g. an NMAR correction) and are refined as they are.
+    ``original`` (same grid) is the scan as acquired, for a model that reads it too.
     """
+    if getattr(model, "original_input", False) != (original is not None):
+        raise MedinpaintError("this model reads the original scan; pass it" if model.original_input
+                              else "this model does not read the original scan")
     if not holes.any():
         return (array.copy(), np.zeros(array.shape, np.float32)) if flip_axes else array.copy()
     roi = tuple(int(r) for r in settings.roi_size)
@@ -105,7 +110,8 @@ def network_fill(
         out = x[:, :1].clone()
         has_hole = x[:, 1].flatten(1).amax(dim=1) > 0
         if has_hole.any():
-            out[has_hole] = model(x[has_hole, :1], x[has_hole, 1:2]).to(out.dtype)
+            extra = (x[has_hole, 2:3],) if original is not None else ()
+            out[has_hole] = model(x[has_hole, :1], x[has_hole, 1:2], *extra).to(out.dtype)
         return out
 
     result = array.astype(np.float32, copy=True)
@@ -116,10 +122,12 @@ def network_fill(
         inside = holes[box]
         start = network_input(box) if holes_prefilled else _prefilled(network_input, holes, bad, valid_slices, box, order)
         image, inner = _pad_to(start, roi)
-        x = torch.empty((1, 2) + image.shape, dtype=torch.float32)
+        x = torch.empty((1, 2 + (original is not None)) + image.shape, dtype=torch.float32)
         x[0, 0] = torch.from_numpy(image)
         del image
         x[0, 1] = torch.from_numpy(_pad_to(inside.astype(np.float32), roi)[0])
+        if original is not None:
+            x[0, 2] = torch.from_numpy(_pad_to(normalizer.forward(np.nan_to_num(original[box], nan=normalizer.offset)), roi)[0])
         total = squares = None
         for axes in ((),) + tuple((a,) for a in flip_axes):
             flipped = torch.flip(x, dims=[a + 2 for a in axes]) if axes else x

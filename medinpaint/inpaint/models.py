@@ -19,7 +19,7 @@ from medinpaint.inpaint.network import InpaintingUNet
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL = "medinpaint-slices-v2"  # the best measured (benchmarks/quality.py)
-DEFAULT_METAL_MODEL = "medinpaint-metal-v1"  # refines NMAR inside metal streak regions (benchmarks/metal.py)
+DEFAULT_METAL_MODEL = "medinpaint-metal-v2"  # refines NMAR inside metal streak regions, reading the damaged scan too (benchmarks/metal.py)
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,11 @@ class ModelInfo:
     def task(self) -> str:
         """What the model fills: "slices" (missing slices and holes) or "metal" (streaks, from NMAR)."""
         return str(self.metadata.get("task", "slices"))
+
+    @property
+    def original_input(self) -> bool:
+        """Whether the model also reads the image as acquired (metal-v2 on: the damaged scan)."""
+        return bool(self.metadata.get("original_input", False))
 
     @property
     def slice_prefill(self) -> str:
@@ -93,7 +98,7 @@ def list_models() -> list[ModelInfo]:
 def load_model(name_or_path: str | None = None, device: torch.device | str = "cpu") -> tuple[InpaintingUNet, ModelInfo]:
     path = resolve(name_or_path)
     info = read_info(path)
-    model = InpaintingUNet(info.features)
+    model = InpaintingUNet(info.features, original_input=info.original_input)
     state = load_file(str(path), device="cpu")
     try:
         model.load_state_dict(state)
@@ -104,6 +109,8 @@ def load_model(name_or_path: str | None = None, device: torch.device | str = "cp
 
 def save_model(model: InpaintingUNet, path: Path, **metadata) -> None:
     meta = {"features": json.dumps(list(model.features))}
+    if model.original_input:
+        meta["original_input"] = "true"
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata=meta)

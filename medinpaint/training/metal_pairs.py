@@ -52,42 +52,51 @@ def make_pairs(
     if not sources:
         raise MedinpaintError("metal training needs clean CT sources (data.ct)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = MetalDetection()  # detection exactly as `correct` does it
-    paths = []
-    for n in tqdm(range(count), desc="simulating metal pairs", unit="pair", disable=not progress):
-        path = out_dir / f"pair-{n:04d}.npz"
-        paths.append(path)
-        if path.exists():
-            continue
-        rng = np.random.default_rng([seed, n])
-        source = sources[int(rng.integers(len(sources)))]
-        start = int(rng.integers(0, max(source.shape[2] - slab, 0) + 1))
-        volume = source.slab(start, min(start + slab, source.shape[2]))
-        damaged, _, reference = simulate_metal_volume(
-            volume, seed=int(rng.integers(2**31)), count=int(rng.integers(1, 3)), views=views,
-        )
-        found = find_artifacts(damaged, artifacts="metal", metal_settings=settings)
-        streaks = found.labels == ArtifactKind.METAL_STREAK
-        prefilled = correct(damaged, found, method="classical", settings=Settings(metal=settings)).volume.array  # NMAR in the streaks
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, reference=reference.array, prefilled=prefilled, mask=streaks,
-                            metal=found.labels == ArtifactKind.METAL)
-        tmp.replace(path)
+    paths = [out_dir / f"pair-{n:04d}.npz" for n in range(count)]
+    for n, path in enumerate(tqdm(paths, desc="simulating metal pairs", unit="pair", disable=not progress)):
+        if not path.exists():
+            make_pair(sources, n, path, seed, views, slab)
     return paths
 
 
-class LoadMetalPair(MapTransform):
-    """Read one cached pair, normalised like CT at inference: image (target), prefilled, mask."""
+def make_pair(sources: list[Volume], n: int, path: Path, seed: int, views: int, slab: int = 16) -> None:
+    """Pair number ``n``, the same for the same seed whichever process makes it (written atomically)."""
+    rng = np.random.default_rng([seed, n])
+    source = sources[int(rng.integers(len(sources)))]
+    start = int(rng.integers(0, max(source.shape[2] - slab, 0) + 1))
+    volume = source.slab(start, min(start + slab, source.shape[2]))
+    damaged, _, reference = simulate_metal_volume(
+        volume, seed=int(rng.integers(2**31)), count=int(rng.integers(1, 3)), views=views,
+    )
+    settings = MetalDetection()  # detection exactly as `correct` does it
+    found = find_artifacts(damaged, artifacts="metal", metal_settings=settings)
+    streaks = found.labels == ArtifactKind.METAL_STREAK
+    prefilled = correct(damaged, found, method="classical", settings=Settings(metal=settings)).volume.array  # NMAR in the streaks
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, reference=reference.array, prefilled=prefilled, mask=streaks,
+                        metal=found.labels == ArtifactKind.METAL, damaged=damaged.array)
+    tmp.replace(path)
 
-    def __init__(self) -> None:
+
+class LoadMetalPair(MapTransform):
+    """Read one cached pair, normalised like CT at inference: image (target), prefilled, mask,
+    and with ``original`` the damaged scan as the network would read it."""
+
+    def __init__(self, original: bool = False) -> None:
         super().__init__(keys="path")
+        self.original = original
 
     def __call__(self, item: dict) -> dict:
         with np.load(item["path"]) as pair:
             normalizer = Normalizer.for_volume(pair["reference"], "CT")
-            return {
+            out = {
                 "image": normalizer.forward(pair["reference"])[None],
                 "prefilled": normalizer.forward(pair["prefilled"])[None],
                 "mask": pair["mask"].astype(np.float32)[None],
                 "name": str(item["path"]),
             }
+            if self.original:
+                if "damaged" not in pair:
+                    raise MedinpaintError(f"{item['path']}: made before pairs kept the damaged scan; delete the pairs folder to remake it")
+                out["original"] = normalizer.forward(pair["damaged"])[None]
+            return out

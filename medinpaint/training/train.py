@@ -104,11 +104,11 @@ def metal_pipeline(settings: TrainSettings) -> Compose:
 
     from medinpaint.training.metal_pairs import LoadMetalPair
 
-    keys = ["image", "prefilled", "mask"]
+    keys = _input_keys(settings)
     patch = tuple(settings.patch_size)
     return Compose(
         [
-            LoadMetalPair(),
+            LoadMetalPair(original=settings.original_input),
             SpatialPadd(keys=keys, spatial_size=patch, mode="edge"),
             RandCropByPosNegLabeld(keys=keys, label_key="mask", spatial_size=patch, pos=3, neg=1,
                                    num_samples=settings.patches_per_volume),
@@ -147,6 +147,11 @@ def patch_pipeline(settings: TrainSettings) -> Compose:
     )
 
 
+def _input_keys(settings: TrainSettings) -> list[str]:
+    """Target first, then what the network reads besides it."""
+    return ["image", "prefilled", "mask"] + (["original"] if settings.original_input else [])
+
+
 def _tensor(batch: dict, key: str, device: torch.device) -> torch.Tensor:
     value = batch[key]
     value = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
@@ -171,6 +176,8 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
         raise MedinpaintError(f"slice_prefill {settings.slice_prefill!r}: choose one of {', '.join(SLICE_ORDERS)}")
     if settings.task not in ("slices", "metal"):
         raise MedinpaintError(f"task {settings.task!r}: choose slices or metal")
+    if settings.original_input and settings.task != "metal":
+        raise MedinpaintError("original_input is for task metal (a missing slice has no original to read)")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     rank = int(os.environ.get("RANK", "0"))
     device = _pick_device(settings.device)
@@ -205,9 +212,15 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
 
     if settings.init:
         model, _ = load_model(settings.init)
+        if settings.original_input and not model.original_input:  # widen: starts as exactly the init model
+            wider = InpaintingUNet(model.features, original_input=True)
+            wider.load_narrower(model.state_dict())
+            model = wider
+        elif model.original_input != settings.original_input:
+            raise MedinpaintError(f"init model {settings.init} reads the original image; set original_input: true")
         model = model.train()
     else:
-        model = InpaintingUNet(tuple(settings.features))
+        model = InpaintingUNet(tuple(settings.features), original_input=settings.original_input)
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=settings.steps, pct_start=0.05)
@@ -244,9 +257,10 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
         for batch in loader:
             if step >= settings.steps:
                 break
-            image, mask, prefilled = (_tensor(batch, k, device) for k in ("image", "mask", "prefilled"))
+            image, *inputs = (_tensor(batch, k, device) for k in _input_keys(settings))
+            mask = inputs[1]
             trainable.train()
-            out = trainable(prefilled, mask)
+            out = trainable(*inputs)
             l1 = masked_l1(out, image, mask)
             loss = settings.l1_weight * l1 + settings.ssim_weight * ssim(out, image)
             if adversary and step >= settings.adversarial.start_step:
@@ -307,7 +321,7 @@ def _validation_batches(settings: TrainSettings, items: list[dict]) -> list[dict
         if index not in cache:
             cache[index] = loader(items[index])
         for patch in random_part(dict(cache[index])):
-            batches.append({k: patch[k] for k in ("image", "mask", "prefilled")})
+            batches.append({k: patch[k] for k in _input_keys(settings)})
     return batches[: settings.validation_patches]
 
 
@@ -316,8 +330,9 @@ def _validate(model: InpaintingUNet, batches: list[dict], device: torch.device) 
     model.eval()
     sq_net = sq_pre = count = 0.0
     for b in batches:
-        image, mask, prefilled = (torch.as_tensor(np.asarray(b[k]))[None].to(device, torch.float32) for k in ("image", "mask", "prefilled"))
-        out = model(prefilled, mask)
+        image, *inputs = (torch.as_tensor(np.asarray(b[k]))[None].to(device, torch.float32) for k in b)
+        prefilled, mask = inputs[:2]
+        out = model(*inputs)
         sq_net += float(((out - image) ** 2 * mask).sum())
         sq_pre += float(((prefilled - image) ** 2 * mask).sum())
         count += float(mask.sum())
