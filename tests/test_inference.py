@@ -99,6 +99,7 @@ def test_shipped_default_models_are_trained_and_documented(name, task):
     assert path.stat().st_size < 50 * 2**20  # small enough to ship in the package
     info = read_info(path)
     assert info.task == task
+    assert info.original_input == (task == "metal")  # the metal default also reads the damaged scan
     assert info.metadata["steps"] >= 100
     assert info.metadata["validation"]["gain_db"] > 0  # it beats its pre-fill (interpolation or NMAR) on validation
     assert path.with_suffix(".md").exists()
