@@ -70,8 +70,9 @@ def network_fill(
     hold the network's starting point (e.g. an NMAR correction) and are refined as they are.
     ``original`` (same grid) is the scan as acquired, for a model that reads it too.
     """
-    if getattr(model, "original_input", False) != (original is not None):
-        raise MedinpaintError("this model reads the original scan; pass it" if model.original_input
+    reads_original = getattr(model, "original_input", False)  # wrappers without the flag read no original
+    if reads_original != (original is not None):
+        raise MedinpaintError("this model reads the original scan; pass it" if reads_original
                               else "this model does not read the original scan")
     if not holes.any():
         return (array.copy(), np.zeros(array.shape, np.float32)) if flip_axes else array.copy()
