@@ -46,8 +46,13 @@ def interpolate_slices(array: np.ndarray, bad_slices: list[int], order: str = "l
             out[:, :, k] = array[:, :, (below[-1] if below else above[0])]
             continue
         points = below + above if order == "cubic" and len(below) == 2 and len(above) == 2 else [below[-1], above[0]]
-        out[:, :, k] = sum(w * array[:, :, p] for w, p in zip(_lagrange_weights(points, k), points))
+        out[:, :, k] = _lagrange_at(points, k, lambda p: array[:, :, p])
     return out
+
+
+def _lagrange_at(points: list[int], at: int, plane: Callable[[int], np.ndarray]) -> np.ndarray:
+    """The polynomial through the slices at ``points``, evaluated at slice ``at``."""
+    return sum(w * plane(p) for w, p in zip(_lagrange_weights(points, at), points))
 
 
 def _lagrange_weights(points: list[int], at: int) -> list[float]:
@@ -86,8 +91,7 @@ def choose_slice_order(
     for i in picks:
         k, points = valid[i], valid[i - 2 : i] + valid[i + 1 : i + 3]
         plane = {p: np.nan_to_num(read(slice(p, p + 1))[:, :, 0].astype(np.float64)) for p in points + [k]}
-        linear = sum(w * plane[p] for w, p in zip(_lagrange_weights(points[1:3], k), points[1:3]))
-        cubic = sum(w * plane[p] for w, p in zip(_lagrange_weights(points, k), points))
+        linear, cubic = _lagrange_at(points[1:3], k, plane.__getitem__), _lagrange_at(points, k, plane.__getitem__)
         err_linear += float(np.mean((linear - plane[k]) ** 2))
         err_cubic += float(np.mean((cubic - plane[k]) ** 2))
     return "cubic" if err_cubic < err_linear else "linear"
