@@ -82,6 +82,7 @@ class TrainSettings:
     validation_patches: int = 24
     checkpoint_every: int = 200
     threads: int = 0
+    loader_workers: int = 1  # processes cropping and damaging patches; raise it on a GPU, where one cannot keep up
     device: str = "auto"
     init: str | None = None  # a shipped model name or a .safetensors file to start from
     original_input: bool = False  # task metal: the network also reads the damaged image (not only NMAR and the mask)

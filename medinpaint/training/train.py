@@ -207,8 +207,11 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
     else:
         items = source_items(settings)
     pipeline = patch_pipeline(settings)
-    dataset = CacheDataset(items, transform=pipeline, progress=False, num_workers=1)
-    loader = DataLoader(dataset, batch_size=max(1, settings.batch_size // settings.patches_per_volume), shuffle=True, num_workers=1)
+    dataset = CacheDataset(items, transform=pipeline, progress=False, num_workers=settings.loader_workers)
+    if settings.loader_workers < 1:
+        raise MedinpaintError(f"loader_workers must be at least 1, got {settings.loader_workers}")
+    loader = DataLoader(dataset, batch_size=max(1, settings.batch_size // settings.patches_per_volume), shuffle=True,
+                        num_workers=settings.loader_workers, persistent_workers=True)
 
     if settings.init:
         model, _ = load_model(settings.init)
