@@ -75,17 +75,21 @@ def choose_slice_order(
     normalised); by default the slab of ``array`` itself.
     """
     read = read or (lambda ks: array[:, :, ks])
-    valid_set = set(valid)
-    candidates = [k for k in valid if all(k + d in valid_set for d in (-2, -1, 1, 2))]
-    if not candidates:
+    # Each pick is left out and predicted from its nearest acquired neighbours, exactly as
+    # interpolate_slices would fill it, so sparse patterns (every 4th slice missing, runs of
+    # 3 every 6) are judged on the gaps they really leave.
+    positions = range(2, len(valid) - 2)
+    if not positions:
         return "linear"
-    picks = [candidates[i] for i in np.linspace(0, len(candidates) - 1, min(samples, len(candidates))).astype(int)]
+    picks = [positions[i] for i in np.linspace(0, len(positions) - 1, min(samples, len(positions))).astype(int)]
     err_linear = err_cubic = 0.0
-    for k in picks:
-        slab = np.nan_to_num(read(slice(k - 2, k + 3)).astype(np.float64))
-        a, b, truth, c, d = (slab[:, :, o] for o in range(5))
-        err_linear += float(np.mean((0.5 * (b + c) - truth) ** 2))
-        err_cubic += float(np.mean(((-a + 4 * b + 4 * c - d) / 6 - truth) ** 2))
+    for i in picks:
+        k, points = valid[i], valid[i - 2 : i] + valid[i + 1 : i + 3]
+        plane = {p: np.nan_to_num(read(slice(p, p + 1))[:, :, 0].astype(np.float64)) for p in points + [k]}
+        linear = sum(w * plane[p] for w, p in zip(_lagrange_weights(points[1:3], k), points[1:3]))
+        cubic = sum(w * plane[p] for w, p in zip(_lagrange_weights(points, k), points))
+        err_linear += float(np.mean((linear - plane[k]) ** 2))
+        err_cubic += float(np.mean((cubic - plane[k]) ** 2))
     return "cubic" if err_cubic < err_linear else "linear"
 
 
