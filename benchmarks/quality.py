@@ -1,4 +1,4 @@
-"""Fill quality: the network against linear and cubic interpolation on held-out real scans.
+"""Fill quality: the network against linear, cubic and registered interpolation on held-out real scans.
 
 Slices are removed (singly, and in runs of 3) from clean scans the shipped model never saw
 in training (`ct_abdomen_dicom`) or saw only as one of its sources (`mr_brain_t1.nrrd`),
@@ -22,6 +22,7 @@ from medinpaint.artifacts.find import ArtifactMask
 from medinpaint.artifacts.labels import ArtifactKind
 from medinpaint.config import Settings
 from medinpaint.inpaint.classical import interpolate_slices
+from medinpaint.inpaint.registered import registered_slices
 from medinpaint.metrics import masked_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +38,11 @@ def placements(n_k: int, run: int, gap: int, offset: int) -> list[int]:
 def fill(volume, removed: list[int], method: str, model: str | None, settings: Settings) -> np.ndarray:
     if method in ("linear", "cubic"):
         return interpolate_slices(volume.array, removed, order=method)
+    if method == "registered":  # motion-compensated interpolation alone (slices-v3 reads it as a second view)
+        filled = volume.array.astype(np.float32, copy=True)
+        for k, plane in registered_slices(volume.array, removed).items():
+            filled[:, :, k] = plane
+        return filled
     labels = np.zeros(volume.shape, np.uint8)
     labels[:, :, removed] = ArtifactKind.MISSING_SLICE
     artifacts = ArtifactMask.from_labels(labels, volume.affine, sources=["benchmark"])
@@ -57,7 +63,7 @@ def main() -> None:
     for label, name in SCANS.items():
         volume = medinpaint.load(args.data / name)
         for run, gap in ((1, 3), (3, 3)):
-            scores: dict[str, list[dict]] = {"linear": [], "cubic": [], "network": []}
+            scores: dict[str, list[dict]] = {"linear": [], "cubic": [], "registered": [], "network": []}
             for offset in range(args.offsets):
                 removed = placements(volume.shape[2], run, gap, offset)
                 mask = np.zeros(volume.shape, bool)

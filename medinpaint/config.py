@@ -86,6 +86,7 @@ class TrainSettings:
     device: str = "auto"
     init: str | None = None  # a shipped model name or a .safetensors file to start from
     original_input: bool = False  # task metal: the network also reads the damaged image (not only NMAR and the mask)
+    registered_input: bool = False  # task slices: the network also reads motion-compensated interpolation of missing slices
     data: DataSettings = field(default_factory=DataSettings)
     adversarial: AdversarialSettings = field(default_factory=AdversarialSettings)
 

@@ -91,6 +91,7 @@ def correct(
             filled, spread = out if uncertainty else (out, None)
             parameters |= asdict(inference) | used | {
                 "device": str(torch_device), "slice_prefill": info.slice_prefill,
+                "registered_slices": info.registered_input,  # motion-compensated interpolation as a second view
                 "uncertainty": "flip TTA (axes i, j)" if uncertainty else None,
             }
     if streaks.any():

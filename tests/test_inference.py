@@ -10,7 +10,10 @@ from medinpaint.config import InferenceSettings
 from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.inference import batch_for_memory, hole_boxes, network_fill, sw_batch_size
 from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, DEFAULT_MODEL, list_models, load_model, read_info, resolve
+from medinpaint.inpaint.classical import interpolate_slices
 from medinpaint.inpaint.network import InpaintingUNet
+from medinpaint.inpaint.registered import registered_slices
+from medinpaint.training.procedural import procedural_volume
 
 
 def test_hole_boxes_groups_and_merges():
@@ -73,7 +76,7 @@ def test_model_reading_the_original_starts_as_its_narrower_parent_and_uses_the_o
     mask[..., 8:24, 8:24, 4:12] = 1
     with torch.no_grad():
         torch.testing.assert_close(wide(x, mask, original), narrow(x, mask))  # the new channel starts at zero weight
-        with pytest.raises(ValueError, match="takes the original"):
+        with pytest.raises(ValueError, match="takes a third input"):
             wide(x, mask)
     save_model(wide, tmp_path / "wide.safetensors", task="metal")
     assert read_info(tmp_path / "wide.safetensors").original_input
@@ -90,6 +93,40 @@ def test_model_reading_the_original_starts_as_its_narrower_parent_and_uses_the_o
     assert np.abs(fills[0] - fills[1])[holes].mean() > 0.1  # the fill reads the original (ignored, it would be 0)
     with pytest.raises(MedinpaintError, match="reads the original scan"):
         network_fill(array, holes, [], "CT", loaded, settings, torch.device("cpu"), holes_prefilled=True)
+
+
+def test_model_reading_registered_slices_starts_as_its_parent_and_uses_them(tmp_path):
+    from medinpaint.inpaint.models import save_model
+
+    torch.manual_seed(1)
+    narrow = InpaintingUNet((8, 8, 16, 16, 32, 8)).eval()
+    for p in narrow.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    wide = InpaintingUNet(narrow.features, registered_input=True).eval()
+    wide.load_narrower(narrow.state_dict())
+    array = procedural_volume(4, (48, 48, 24), "MR").astype(np.float32)
+    holes = np.zeros(array.shape, bool)
+    holes[:, :, 10:13] = True
+    settings = InferenceSettings(roi_size=(32, 32, 16))
+    cpu = torch.device("cpu")
+    before = network_fill(array, holes, [10, 11, 12], "MR", narrow, settings, cpu, slice_prefill="linear")
+    expected = before.copy()  # the new channel starts at zero weight and the gate at 0.5: half way to registered
+    linear = interpolate_slices(array, [10, 11, 12], "linear")
+    for k, plane in registered_slices(array, [10, 11, 12]).items():
+        expected[:, :, k] += 0.5 * (plane - linear[:, :, k])
+    np.testing.assert_allclose(network_fill(array, holes, [10, 11, 12], "MR", wide, settings, cpu, slice_prefill="linear"),
+                               expected, atol=1e-3 * np.ptp(array))
+    save_model(wide, tmp_path / "wide.safetensors", task="slices")
+    assert read_info(tmp_path / "wide.safetensors").registered_input
+    loaded, _ = load_model(str(tmp_path / "wide.safetensors"))
+    first = next(p for p in loaded.parameters() if p.dim() == 5)
+    with torch.no_grad():
+        first[:, 2].normal_(std=0.5)  # a trained model: the registered channel carries weight
+    after = network_fill(array, holes, [10, 11, 12], "MR", loaded, settings, cpu, slice_prefill="linear")
+    assert np.array_equal(after[~holes], array[~holes])
+    assert np.abs(after - before)[holes].mean() > 1e-3 * np.abs(array).mean()
+    with pytest.raises(ValueError, match="not both"):
+        InpaintingUNet(narrow.features, original_input=True, registered_input=True)
 
 
 @pytest.mark.parametrize("name, task", [(None, "slices"), (DEFAULT_METAL_MODEL, "metal")])

@@ -92,6 +92,21 @@ def test_train_resume_and_finetune(cli, tmp_path):
     assert tuned["init"] == str(run / "best.safetensors") and tuned["data"]["folders"] == [str(data)]
     assert tuned["slice_prefill"] == info.slice_prefill == "linear"  # fine-tuning keeps the model's pre-fill
     assert (tmp_path / "finetuned" / "best.safetensors").exists()
+    assert not tuned["registered_input"]
+
+    # Widened to read registered interpolation of the missing slices too, as slices-v3 was;
+    # fine-tuning that model keeps the extra input.
+    config = _config(tmp_path, 2, out="registered")
+    config.write_text(config.read_text() + f"init: {run / 'best.safetensors'}\nregistered_input: true\n")
+    code, _, err = cli("--quiet", "train", "--config", config)
+    assert code == 0, err
+    wide = tmp_path / "registered" / "best.safetensors"
+    assert read_info(wide).registered_input and not read_info(wide).original_input
+    code, _, err = cli("--quiet", "train", "--init", wide, "--data", data, "--steps", "2",
+                       "--output-dir", tmp_path / "finetuned-registered")
+    assert code == 0, err
+    assert json.loads((tmp_path / "finetuned-registered" / "settings.json").read_text())["registered_input"]
+    assert read_info(tmp_path / "finetuned-registered" / "best.safetensors").registered_input
 
 
 def test_torchrun_two_cpu_processes_on_gloo(tmp_path):

@@ -195,10 +195,10 @@ def train(args: argparse.Namespace) -> int:
         # Fine-tuning on the user's own scans only, gently, from a trained model.
         from medinpaint.inpaint.models import read_info, resolve
 
-        prefill = read_info(resolve(args.init)).slice_prefill  # keep refining what the model was trained on
+        init = read_info(resolve(args.init))  # keep refining what the model was trained on, from the inputs it reads
         settings = TrainSettings(
             output_dir=args.output_dir or "runs/finetune", steps=args.steps or 300, lr=1e-4, init=args.init,
-            slice_prefill=prefill,
+            slice_prefill=init.slice_prefill, registered_input=init.registered_input,
             data=DataSettings(folders=tuple(args.data), procedural_ct=0, procedural_mr=0),
         )
     else:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from medinpaint.config import InferenceSettings
 from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.classical import choose_slice_order, network_prefill
+from medinpaint.inpaint.registered import registered_slices
 from medinpaint.inpaint.network import SIZE_DIVISOR, InpaintingUNet
 from medinpaint.inpaint.normalize import Normalizer
 
@@ -92,6 +93,8 @@ def network_fill(
 
     bad = set(whole_slices)
     valid_slices = [k for k in range(array.shape[2]) if k not in bad]
+    # Whole missing slices only (2D planes, not a copy of the scan); other holes see the pre-fill there.
+    registered = registered_slices(array, whole_slices) if getattr(model, "registered_input", False) else None
     order = slice_prefill
     if slice_prefill == "auto" and whole_slices:
         order = choose_slice_order(array, valid_slices, read=lambda ks: network_input((slice(None), slice(None), ks)))
@@ -111,7 +114,7 @@ def network_fill(
         out = x[:, :1].clone()
         has_hole = x[:, 1].flatten(1).amax(dim=1) > 0
         if has_hole.any():
-            extra = (x[has_hole, 2:3],) if original is not None else ()
+            extra = (x[has_hole, 2:3],) if x.shape[1] == 3 else ()
             out[has_hole] = model(x[has_hole, :1], x[has_hole, 1:2], *extra).to(out.dtype)
         return out
 
@@ -123,12 +126,18 @@ def network_fill(
         inside = holes[box]
         start = network_input(box) if holes_prefilled else _prefilled(network_input, holes, bad, valid_slices, box, order)
         image, inner = _pad_to(start, roi)
-        x = torch.empty((1, 2 + (original is not None)) + image.shape, dtype=torch.float32)
+        x = torch.empty((1, 2 + (original is not None or registered is not None)) + image.shape, dtype=torch.float32)
         x[0, 0] = torch.from_numpy(image)
         del image
         x[0, 1] = torch.from_numpy(_pad_to(inside.astype(np.float32), roi)[0])
         if original is not None:
             x[0, 2] = torch.from_numpy(_pad_to(normalizer.forward(np.nan_to_num(original[box], nan=normalizer.offset)), roi)[0])
+        if registered is not None:
+            guide = start.copy()
+            for k in range(box[2].start, box[2].stop):
+                if k in registered:
+                    guide[:, :, k - box[2].start] = normalizer.forward(registered[k][box[0], box[1]])
+            x[0, 2] = torch.from_numpy(_pad_to(guide, roi)[0])
         total = squares = None
         for axes in ((),) + tuple((a,) for a in flip_axes):
             flipped = torch.flip(x, dims=[a + 2 for a in axes]) if axes else x

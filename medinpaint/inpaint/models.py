@@ -41,6 +41,11 @@ class ModelInfo:
         return bool(self.metadata.get("original_input", False))
 
     @property
+    def registered_input(self) -> bool:
+        """Whether the model also reads motion-compensated interpolation of missing slices (slices-v3 on)."""
+        return bool(self.metadata.get("registered_input", False))
+
+    @property
     def slice_prefill(self) -> str:
         """The interpolation the model was trained to refine (models before this key: linear)."""
         return str(self.metadata.get("slice_prefill", "linear"))
@@ -98,7 +103,7 @@ def list_models() -> list[ModelInfo]:
 def load_model(name_or_path: str | None = None, device: torch.device | str = "cpu") -> tuple[InpaintingUNet, ModelInfo]:
     path = resolve(name_or_path)
     info = read_info(path)
-    model = InpaintingUNet(info.features, original_input=info.original_input)
+    model = InpaintingUNet(info.features, original_input=info.original_input, registered_input=info.registered_input)
     state = load_file(str(path), device="cpu")
     try:
         model.load_state_dict(state)
@@ -111,6 +116,8 @@ def save_model(model: InpaintingUNet, path: Path, **metadata) -> None:
     meta = {"features": json.dumps(list(model.features))}
     if model.original_input:
         meta["original_input"] = "true"
+    if model.registered_input:
+        meta["registered_input"] = "true"
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata=meta)

@@ -11,6 +11,7 @@ import numpy as np
 from monai.transforms import MapTransform, Randomizable
 
 from medinpaint.inpaint.classical import network_prefill
+from medinpaint.inpaint.registered import registered_slices
 
 
 def slice_damage(n_k: int, rng: np.random.RandomState, max_run: int = 5, margin: int = 2) -> list[int]:
@@ -46,9 +47,13 @@ def hole_damage(shape: tuple[int, int, int], rng: np.random.RandomState) -> np.n
 
 
 class RandDamaged(MapTransform, Randomizable):
-    def __init__(self, keys: str = "image", slice_probability: float = 0.6, max_run: int = 5, slice_prefill: str = "linear") -> None:
+    def __init__(
+        self, keys: str = "image", slice_probability: float = 0.6, max_run: int = 5, slice_prefill: str = "linear",
+        registered: bool = False,
+    ) -> None:
         MapTransform.__init__(self, keys)
         self.slice_prefill = slice_prefill
+        self.registered = registered  # also give "registered": the pre-fill with missing slices from registered_slices
         self.slice_probability = slice_probability
         self.max_run = max_run
 
@@ -67,8 +72,14 @@ class RandDamaged(MapTransform, Randomizable):
             mask[:, :, bad] = True
             prefilled = network_prefill(image, bad, np.zeros(shape, dtype=bool), self.slice_prefill)
         else:
+            bad = []
             mask = hole_damage(shape, self.R)
             prefilled = network_prefill(image, [], mask)
+        if self.registered:
+            guide = prefilled.copy()
+            for k, plane in registered_slices(image, bad).items():
+                guide[:, :, k] = plane
+            d["registered"] = guide[None].astype(np.float32)
         d["image"] = image[None]
         d["mask"] = mask[None].astype(np.float32)
         d["prefilled"] = prefilled[None].astype(np.float32)

@@ -142,14 +142,15 @@ def patch_pipeline(settings: TrainSettings) -> Compose:
             RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
             RandSpatialCropSamplesd(keys="image", roi_size=patch, num_samples=settings.patches_per_volume, random_size=False),
             RandDamaged(keys="image", slice_probability=settings.slice_probability, max_run=settings.max_run,
-                        slice_prefill=settings.slice_prefill),
+                        slice_prefill=settings.slice_prefill, registered=settings.registered_input),
         ]
     )
 
 
 def _input_keys(settings: TrainSettings) -> list[str]:
     """Target first, then what the network reads besides it."""
-    return ["image", "prefilled", "mask"] + (["original"] if settings.original_input else [])
+    extra = ["original"] if settings.original_input else ["registered"] if settings.registered_input else []
+    return ["image", "prefilled", "mask"] + extra
 
 
 def _tensor(batch: dict, key: str, device: torch.device) -> torch.Tensor:
@@ -178,6 +179,8 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
         raise MedinpaintError(f"task {settings.task!r}: choose slices or metal")
     if settings.original_input and settings.task != "metal":
         raise MedinpaintError("original_input is for task metal (a missing slice has no original to read)")
+    if settings.registered_input and settings.task != "slices":
+        raise MedinpaintError("registered_input is for task slices (it interpolates missing slices)")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     rank = int(os.environ.get("RANK", "0"))
     device = _pick_device(settings.device)
@@ -215,15 +218,19 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
 
     if settings.init:
         model, _ = load_model(settings.init)
-        if settings.original_input and not model.original_input:  # widen: starts as exactly the init model
-            wider = InpaintingUNet(model.features, original_input=True)
+        wanted = {"original_input": settings.original_input, "registered_input": settings.registered_input}
+        if any(wanted.values()) and not model.takes_extra:  # widen: starts as exactly the init model
+            wider = InpaintingUNet(model.features, **wanted)
             wider.load_narrower(model.state_dict())
             model = wider
-        elif model.original_input != settings.original_input:
-            raise MedinpaintError(f"init model {settings.init} reads the original image; set original_input: true")
+        for name, value in wanted.items():
+            if getattr(model, name) != value:
+                raise MedinpaintError(f"init model {settings.init} has {name} {getattr(model, name)}; set {name}: "
+                                      f"{str(getattr(model, name)).lower()}")
         model = model.train()
     else:
-        model = InpaintingUNet(tuple(settings.features), original_input=settings.original_input)
+        model = InpaintingUNet(tuple(settings.features), original_input=settings.original_input,
+                               registered_input=settings.registered_input)
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=settings.steps, pct_start=0.05)
