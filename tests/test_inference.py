@@ -137,6 +137,7 @@ def test_shipped_default_models_are_trained_and_documented(name, task):
     info = read_info(path)
     assert info.task == task
     assert info.original_input == (task == "metal")  # the metal default also reads the damaged scan
+    assert info.registered_input == (task == "slices")  # the slices default also reads registered interpolation
     assert info.metadata["steps"] >= 100
     assert info.metadata["validation"]["gain_db"] > 0  # it beats its pre-fill (interpolation or NMAR) on validation
     assert path.with_suffix(".md").exists()

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="train or fine-tune the inpainting network (self-supervised)",
                        description="Damage clean volumes on the fly and train the network to fill them. "
                        "Run under 'torchrun --nproc_per_node N' for DistributedDataParallel. "
-                       "Fine-tune on your own scans: medinpaint train --init medinpaint-slices-v1 --data my_scans/ --output-dir runs/mine")
+                       "Fine-tune on your own scans: medinpaint train --init medinpaint-slices-v3 --data my_scans/ --output-dir runs/mine")
     p.add_argument("--config", metavar="YAML", help="training recipe (e.g. configs/train_default.yaml)")
     p.add_argument("--init", metavar="NAME_OR_PATH", help="start from a shipped model or a .safetensors file (fine-tuning)")
     p.add_argument("--data", metavar="FOLDER", action="append", help="folder of your scans (repeatable); with --init and no --config, only these are used")

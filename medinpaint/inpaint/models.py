@@ -18,7 +18,7 @@ from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.network import InpaintingUNet
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_MODEL = "medinpaint-slices-v2"  # the best measured (benchmarks/quality.py)
+DEFAULT_MODEL = "medinpaint-slices-v3"  # the best measured (benchmarks/quality.py)
 DEFAULT_METAL_MODEL = "medinpaint-metal-v2"  # refines NMAR inside metal streak regions, reading the damaged scan too (benchmarks/metal.py)
 
 
