@@ -94,7 +94,7 @@ def network_fill(
     bad = set(whole_slices)
     valid_slices = [k for k in range(array.shape[2]) if k not in bad]
     # Whole missing slices only (2D planes, not a copy of the scan); other holes see the pre-fill there.
-    registered = registered_slices(array, whole_slices) if getattr(model, "registered_input", False) else None
+    registered = registered_slices(array, whole_slices, progress) if getattr(model, "registered_input", False) else None
     order = slice_prefill
     if slice_prefill == "auto" and whole_slices:
         order = choose_slice_order(array, valid_slices, read=lambda ks: network_input((slice(None), slice(None), ks)))

@@ -13,13 +13,14 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import map_coordinates
+from tqdm import tqdm
 
 ITERATIONS = 100  # demons iterations per pyramid level
 SMOOTHING = 3.0  # Gaussian smoothing of the displacement field, in pixels of the level
 LEVELS = (4, 2, 1)  # pyramid shrink factors, coarse to fine
 
 
-def registered_slices(array: np.ndarray, bad_slices: list[int]) -> dict[int, np.ndarray]:
+def registered_slices(array: np.ndarray, bad_slices: list[int], progress: bool = False) -> dict[int, np.ndarray]:
     """Each bad slice (last axis) filled from its nearest valid slices, following their motion.
 
     A slice with valid slices on one side only gets a copy of the nearest, as in
@@ -33,7 +34,7 @@ def registered_slices(array: np.ndarray, bad_slices: list[int]) -> dict[int, np.
         above = [v for v in valid if v > k]
         gaps.setdefault((below[-1] if below else None, above[0] if above else None), []).append(k)
     filled = {}
-    for (k0, k1), ks in gaps.items():
+    for (k0, k1), ks in tqdm(gaps.items(), desc="registering slices", unit="gap", disable=not progress or len(gaps) < 2):
         if k0 is None or k1 is None:
             nearest = np.nan_to_num(array[:, :, k1 if k0 is None else k0]).astype(np.float32)
             filled |= {k: nearest for k in ks}
