@@ -48,6 +48,7 @@ class DataSettings:
     metal_pairs: int = 0  # task metal: simulated metal scans made from data.ct (cached in output_dir/pairs)
     metal_views: int = 360  # task metal: views of those simulated scans (720 is a clinical scanner; slower)
     metal_pixel_mm: float = 1.5  # task metal: in-plane pixel the sources are resampled to before simulation
+    metal_photons: float = 2e5  # task metal: unattenuated photons per ray of those scans (their noise level)
 
 
 @dataclass(frozen=True)

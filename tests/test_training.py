@@ -155,3 +155,18 @@ def test_metal_training_simulates_pairs_once_and_learns_the_metal_task(tmp_path)
     wide = train(replace(settings, init=str(narrow), original_input=True), log=lambda _: None)
     assert pairs[0].stat().st_mtime_ns == stamp
     assert read_info(wide).original_input and read_info(wide).task == "metal"
+
+
+def test_metal_pairs_carry_the_photon_count_they_were_asked_for(tmp_path):
+    from medinpaint.training.metal_pairs import make_pair, pair_sources
+
+    sources = pair_sources((str(SAMPLE / "ct_abdomen_3mm.nii.gz"),), 6.0)
+    references = {}
+    for photons in (2e5, 2e7, 2e9):  # the same pair (seed, number) at three noise levels
+        path = tmp_path / f"pair-{photons:g}.npz"
+        make_pair(sources, 0, path, seed=0, views=64, photons=photons)
+        with np.load(path) as pair:
+            ks = np.flatnonzero(pair["metal"].any(axis=(0, 1)))
+            references[photons] = pair["reference"][:, :, ks]
+    noise = {p: float(np.std(references[p] - references[2e9])) for p in (2e5, 2e7)}  # 2e9: all but noise-free
+    assert noise[2e5] > 5 and noise[2e7] < 0.3 * noise[2e5], noise  # noise std falls as 1/sqrt(photons)

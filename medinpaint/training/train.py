@@ -94,6 +94,7 @@ def metal_items(settings: TrainSettings, progress: bool) -> list[dict]:
     wanted = [out / f"pair-{n:04d}.npz" for n in range(data.metal_pairs)]
     if not all(p.exists() for p in wanted):
         make_pairs(pair_sources(data.ct, data.metal_pixel_mm), data.metal_pairs, out, settings.seed, data.metal_views,
+                   photons=data.metal_photons,
                    progress=progress)
     return [{"path": str(p)} for p in wanted]
 
