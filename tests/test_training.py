@@ -170,3 +170,18 @@ def test_metal_pairs_carry_the_photon_count_they_were_asked_for(tmp_path):
             references[photons] = pair["reference"][:, :, ks]
     noise = {p: float(np.std(references[p] - references[2e9])) for p in (2e5, 2e7)}  # 2e9: all but noise-free
     assert noise[2e5] > 5 and noise[2e7] < 0.3 * noise[2e5], noise  # noise std falls as 1/sqrt(photons)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"task": "denoise"}, "choose slices or metal"),
+    ({"task": "metal", "registered_input": True}, "registered_input is for task slices"),
+    ({"loader_workers": 0}, "loader_workers must be at least 1"),
+])
+def test_training_settings_that_cannot_work_fail_before_any_work(tmp_path, change, message):
+    from medinpaint.config import TrainSettings
+    from medinpaint.errors import MedinpaintError
+    from medinpaint.training.train import train
+
+    with pytest.raises(MedinpaintError, match=message):
+        train(replace(TrainSettings(output_dir=str(tmp_path / "run")), **change), log=lambda _: None)
+    assert not (tmp_path / "run").exists()  # nothing written

@@ -182,6 +182,8 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
         raise MedinpaintError("original_input is for task metal (a missing slice has no original to read)")
     if settings.registered_input and settings.task != "slices":
         raise MedinpaintError("registered_input is for task slices (it interpolates missing slices)")
+    if settings.loader_workers < 1:
+        raise MedinpaintError(f"loader_workers must be at least 1, got {settings.loader_workers}")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     rank = int(os.environ.get("RANK", "0"))
     device = _pick_device(settings.device)
@@ -212,8 +214,6 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
         items = source_items(settings)
     pipeline = patch_pipeline(settings)
     dataset = CacheDataset(items, transform=pipeline, progress=False, num_workers=settings.loader_workers)
-    if settings.loader_workers < 1:
-        raise MedinpaintError(f"loader_workers must be at least 1, got {settings.loader_workers}")
     loader = DataLoader(dataset, batch_size=max(1, settings.batch_size // settings.patches_per_volume), shuffle=True,
                         num_workers=settings.loader_workers, persistent_workers=True)
 
