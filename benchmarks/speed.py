@@ -27,6 +27,7 @@ from medinpaint.inpaint.classical import network_prefill
 from medinpaint.inpaint.inference import pick_device
 from medinpaint.inpaint.models import load_model
 from medinpaint.inpaint.normalize import Normalizer
+from medinpaint.inpaint.registered import registered_slices
 from medinpaint.metrics import masked_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,11 +120,18 @@ def run(device: torch.device, data: Path, skip_plain: bool) -> dict:
             normalizer = Normalizer.for_volume(volume.array, "CT")
             prefilled = network_prefill(normalizer.forward(np.where(truth, 0, volume.array)), BLANKED,
                                         np.zeros(truth.shape, bool), info.slice_prefill)  # the same input as ours
-            x = torch.from_numpy(np.stack([prefilled, truth.astype(np.float32)])[None])
-            del prefilled
+            channels = [prefilled, truth.astype(np.float32)]
             t = time.perf_counter()
+            if info.registered_input:  # the same third input as ours (timed: the plain call needs it too)
+                guide = prefilled.copy()
+                for k, plane in registered_slices(volume.array, BLANKED).items():
+                    guide[:, :, k] = normalizer.forward(plane)
+                channels.append(guide)
+            x = torch.from_numpy(np.stack(channels)[None])
+            del prefilled, channels
             with torch.no_grad():
-                y = sliding_window_inference(x, settings.inference.roi_size, 1, lambda w: model(w[:, :1].to(device), w[:, 1:2].to(device)))
+                y = sliding_window_inference(x, settings.inference.roi_size, 1,
+                                             lambda w: model(*(w[:, c : c + 1].to(device) for c in range(w.shape[1]))))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             plain_seconds = time.perf_counter() - t
