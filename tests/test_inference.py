@@ -31,11 +31,17 @@ def test_hole_boxes_groups_and_merges():
     assert covered[holes].all()
 
 
-def test_network_output_is_the_input_outside_the_mask():
-    torch.manual_seed(0)
+def _random_net(seed: int) -> InpaintingUNet:
+    """A small net with random, non-zero weights everywhere (a trained net has them too)."""
+    torch.manual_seed(seed)
     net = InpaintingUNet((8, 8, 16, 16, 32, 8)).eval()
-    for p in net.parameters():  # random, non-zero weights everywhere (a trained net has them too)
+    for p in net.parameters():
         torch.nn.init.normal_(p, std=0.05)
+    return net
+
+
+def test_network_output_is_the_input_outside_the_mask():
+    net = _random_net(0)
     x = torch.randn(1, 1, 32, 32, 16)
     mask = torch.zeros_like(x)
     mask[..., 10:20, 10:20, 5:9] = 1
@@ -46,10 +52,7 @@ def test_network_output_is_the_input_outside_the_mask():
 
 
 def test_fill_touches_only_holes_and_reports_spread():
-    torch.manual_seed(0)
-    net = InpaintingUNet((8, 8, 16, 16, 32, 8)).eval()
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.05)
+    net = _random_net(0)
     rng = np.random.default_rng(0)
     array = rng.normal(0, 100, (70, 60, 50)).astype(np.float32)
     holes = np.zeros(array.shape, bool)
@@ -65,10 +68,7 @@ def test_fill_touches_only_holes_and_reports_spread():
 def test_model_reading_the_original_starts_as_its_narrower_parent_and_uses_the_original(tmp_path):
     from medinpaint.inpaint.models import save_model
 
-    torch.manual_seed(0)
-    narrow = InpaintingUNet((8, 8, 16, 16, 32, 8)).eval()
-    for p in narrow.parameters():
-        torch.nn.init.normal_(p, std=0.05)
+    narrow = _random_net(0)
     wide = InpaintingUNet(narrow.features, original_input=True).eval()
     wide.load_narrower(narrow.state_dict())
     x, original = torch.randn(1, 1, 32, 32, 16), torch.randn(1, 1, 32, 32, 16)
@@ -98,10 +98,7 @@ def test_model_reading_the_original_starts_as_its_narrower_parent_and_uses_the_o
 def test_model_reading_registered_slices_starts_as_its_parent_and_uses_them(tmp_path):
     from medinpaint.inpaint.models import save_model
 
-    torch.manual_seed(1)
-    narrow = InpaintingUNet((8, 8, 16, 16, 32, 8)).eval()
-    for p in narrow.parameters():
-        torch.nn.init.normal_(p, std=0.05)
+    narrow = _random_net(1)
     wide = InpaintingUNet(narrow.features, registered_input=True).eval()
     wide.load_narrower(narrow.state_dict())
     array = procedural_volume(4, (48, 48, 24), "MR").astype(np.float32)
