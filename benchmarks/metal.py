@@ -11,12 +11,14 @@ Columns:
   classical       what `medinpaint correct --method classical` writes: NMAR inside the detected
                   streak region only, every other voxel as acquired
   network         what `medinpaint correct` writes: the metal model refines NMAR in the streak region
+  noise_hu        the noise of the clean scan and of its simulated re-scan (median local SD in flat
+                  soft tissue): how realistic --photons is for this scan
   smoothed_reference  a diagnostic, not a method: the true metal-free slices blurred by a 1-pixel
                   Gaussian inside the detected streak region.  The reference carries the scan's
                   own noise, which no correction can know; when this scores below NMAR, the score
                   is bound by that noise, not by what is left of the streaks
 
-    python benchmarks/metal.py [--configs 4] [--views 720] [--cache DIR]
+    python benchmarks/metal.py [--configs 4] [--views 720] [--photons 2e5] [--cache DIR] [--model NAME_OR_PATH]
 """
 
 from __future__ import annotations
@@ -43,6 +45,23 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = [("ball", 0), ("screw", 2), ("irregular", 3), ("ball", 4), ("rod", 1), ("screw", 6), ("irregular", 7), ("rod", 5)]
 
 
+def soft_tissue_noise_hu(hu_slices: np.ndarray) -> float | None:
+    """Median local standard deviation (7x7 pixels) in flat soft tissue: the noise level of a scan.
+
+    Flat soft tissue: 15x15 neighbourhoods entirely within -20..150 HU.  None where there is none,
+    as at a noise level so high that no neighbourhood stays in that window.
+    """
+    values = []
+    for k in range(hu_slices.shape[2]):
+        img = hu_slices[:, :, k].astype(np.float64)
+        mean, mean_sq = ndimage.uniform_filter(img, 7), ndimage.uniform_filter(img * img, 7)
+        local_sd = np.sqrt(np.maximum(mean_sq - mean * mean, 0))
+        flat = ndimage.uniform_filter(((img > -20) & (img < 150)).astype(np.float64), 15) > 0.99
+        values.append(local_sd[flat])
+    values = np.concatenate(values)
+    return round(float(np.median(values)), 1) if values.size else None
+
+
 def score(reference, corrected, region) -> dict:
     m = masked_metrics(reference, corrected, region, "CT")
     return {"psnr_db": m["psnr_db"], "ssim": m["ssim"], "rmse_hu": m["rmse"]}
@@ -56,11 +75,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1, help="metal objects per configuration")
     parser.add_argument("--photons", type=float, default=2e5, help="unattenuated photons per ray (the noise level; default 2e5)")
     parser.add_argument("--cache", type=Path, help="keep simulated cases and their detection here (reused when present)")
+    parser.add_argument("--model", help=f"the metal model: a shipped name or a .safetensors file (default {DEFAULT_METAL_MODEL})")
     args = parser.parse_args()
     clean = medinpaint.load(args.data / "ct_abdomen_dicom")
     metal_settings = MetalDetection()  # detection and re-projection as `correct` does them
     settings = Settings(metal=metal_settings)
-    has_network = (MODELS_DIR / f"{DEFAULT_METAL_MODEL}.safetensors").is_file()
+    has_network = args.model is not None or (MODELS_DIR / f"{DEFAULT_METAL_MODEL}.safetensors").is_file()
     rows, totals = [], {}
     for kind, seed in CONFIGS[: args.configs]:
         noise = "" if args.photons == 2e5 else f"-{args.photons:g}photons"
@@ -113,13 +133,15 @@ def main() -> None:
         results["smoothed_reference"] = score(reference.array, smoothed, region)
         if has_network:
             t = time.perf_counter()
-            results["network"] = score(reference.array, medinpaint.correct(damaged, found, settings=settings).volume.array, region)
+            results["network"] = score(reference.array, medinpaint.correct(damaged, found, settings=settings, metal_model=args.model).volume.array, region)
             results["network_seconds"] = round(time.perf_counter() - t, 1)
         row = {
             "config": f"{kind} seed {seed}",
             "slices_with_metal": len(ks),
             "metal_voxels": int(true_metal.sum()),
             "streak_mask_vs_true_artifact": {k: round(v, 3) for k, v in overlap(streak_mask, true_artifact).items()},
+            # the noise of the scan as acquired against that of the simulated re-scan (the reference)
+            "noise_hu": {"scan": soft_tissue_noise_hu(clean.array[:, :, ks]), "reference": soft_tissue_noise_hu(reference.array[:, :, ks])},
             "simulate_and_detect_seconds": round(simulated, 1),
         } | results
         rows.append(row)

@@ -130,6 +130,7 @@ def run_batch(
     shard: tuple[int, int] = (0, 1),
     method: str = "network",
     model: str | None = None,
+    metal_model: str | None = None,
     device: str | None = None,
     settings: Settings | None = None,
     suffix: str = ".nii.gz",
@@ -188,7 +189,8 @@ def run_batch(
                     results.append(CaseResult(case.case, str(case.input), "skipped", output=str(output_of(case)),
                                               reason="complete output with matching input SHA-256"))
                 else:
-                    correction = correct(volume, artifacts, method=method, model=model, settings=settings, device=device)
+                    correction = correct(volume, artifacts, method=method, model=model, metal_model=metal_model,
+                                         settings=settings, device=device)
                     writes.append((case, writers.submit(write, case, correction, started - load_seconds)))
             except (MedinpaintError, OSError) as exc:
                 results.append(CaseResult(case.case, str(case.input), "failed", reason=_one_line(exc)))

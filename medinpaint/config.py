@@ -76,6 +76,7 @@ class TrainSettings:
     features: tuple[int, ...] = (16, 16, 32, 64, 128, 16)
     l1_weight: float = 1.0
     ssim_weight: float = 0.1
+    l2_weight: float = 0.0  # masked squared error: weighs the few large errors (next to metal) as PSNR does
     slice_probability: float = 0.6
     slice_prefill: str = "linear"  # linear | cubic | auto: the interpolation the network refines (kept in the model)
     max_run: int = 5

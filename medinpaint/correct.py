@@ -49,8 +49,13 @@ def correct(
     device: str | None = None,
     progress: bool = False,
     uncertainty: bool = False,
+    metal_model: str | None = None,
 ) -> Correction:
-    """Fill the synthesized region of ``artifacts`` (found with defaults when not given)."""
+    """Fill the synthesized region of ``artifacts`` (found with defaults when not given).
+
+    ``model`` fills missing slices and holes, ``metal_model`` refines metal streaks; each is a
+    shipped name or a .safetensors file (a fine-tuned model), the shipped default when None.
+    """
     if method not in METHODS:
         raise MedinpaintError(f"unknown method {method!r}; choose network or classical")
     if uncertainty and method != "network":
@@ -81,6 +86,8 @@ def correct(
             filled = volume.array.astype(np.float32, copy=True)
         else:
             net, info = load_model(model, torch_device)
+            if info.task != "slices":
+                raise MedinpaintError(f"{info.name} is a {info.task} model; pass it as the metal model (--metal-model)")
             model_info = {"Name": info.name, "SHA256": info.sha256, "File": info.path.name}
             used: dict = {}
             out = network_fill(
@@ -96,7 +103,7 @@ def correct(
             }
     if streaks.any():
         parameters["metal"], metal_spread = _fill_streaks(
-            filled, volume, artifacts, streaks, method, settings, device, progress, uncertainty
+            filled, volume, artifacts, streaks, method, settings, device, progress, uncertainty, metal_model
         )
         if metal_spread is not None:
             spread = metal_spread if spread is None else np.where(streaks, metal_spread, spread)
@@ -127,6 +134,7 @@ def _fill_streaks(
     device: str | None,
     progress: bool,
     uncertainty: bool,
+    metal_model: str | None = None,
 ) -> tuple[dict, np.ndarray | None]:
     """Write the metal-streak fill into ``filled``: NMAR (classical), refined by the metal model (network).
 
@@ -148,9 +156,9 @@ def _fill_streaks(
         return parameters, None
     inference = settings.inference
     torch_device = pick_device(device or inference.device)
-    net, info = load_model(DEFAULT_METAL_MODEL, torch_device)
+    net, info = load_model(metal_model or DEFAULT_METAL_MODEL, torch_device)
     if info.task != "metal":
-        raise MedinpaintError(f"{info.name} is not a metal-streak model")
+        raise MedinpaintError(f"{info.name} is not a metal-streak model (its task is {info.task}); pass it as --model")
     margin = inference.context_voxels
     k0, k1 = max(ks[0] - margin, 0), min(ks[-1] + margin + 1, volume.shape[2])
     used: dict = {}

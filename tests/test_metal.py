@@ -11,6 +11,7 @@ from scipy import ndimage
 import medinpaint
 from medinpaint.artifacts.labels import ArtifactKind
 from medinpaint.errors import MedinpaintError
+from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, DEFAULT_MODEL, MODELS_DIR
 from medinpaint.metrics import masked_metrics
 from medinpaint.simulate import simulate_metal_volume
 
@@ -95,6 +96,11 @@ def test_metal_simulate_and_correct_on_the_cli(cli, tmp_path, abdomen):
     assert (mask == ArtifactKind.METAL_STREAK).any() and not (mask == ArtifactKind.METAL).any()
     provenance = json.loads((tmp_path / "fixed.json").read_text())
     assert "NMAR" in json.dumps(provenance)
+    # A slice model given as the metal model: one clear line, nothing written.
+    code, _, err = cli("--quiet", "correct", damaged, tmp_path / "wrong.nii.gz", "--artifacts", "metal",
+                       "--metal-model", DEFAULT_MODEL)
+    assert code == 2 and "not a metal-streak model" in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.glob("wrong*"))
 
 
 def test_metal_on_mr_is_a_clear_error(cli, tmp_path):
@@ -104,3 +110,20 @@ def test_metal_on_mr_is_a_clear_error(cli, tmp_path):
     code, _, err = cli("--quiet", "correct", shared("mr_brain_t1.nrrd"), tmp_path / "x.nii.gz", "--artifacts", "metal")
     assert code == 2 and err.count("\n") == 1 and "CT" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_chosen_metal_model_is_used_and_a_model_of_the_wrong_task_refused(steel_ball):
+    _, damaged, _, _ = steel_ball
+    found = medinpaint.find_artifacts(damaged, artifacts="metal")
+    default = medinpaint.correct(damaged, found)
+    as_file = medinpaint.correct(damaged, found, metal_model=str(MODELS_DIR / f"{DEFAULT_METAL_MODEL}.safetensors"))
+    assert np.array_equal(default.volume.array, as_file.volume.array)
+    assert as_file.parameters["metal"]["refined_by"]["File"] == f"{DEFAULT_METAL_MODEL}.safetensors"
+    with pytest.raises(MedinpaintError, match="not a metal-streak model"):
+        medinpaint.correct(damaged, found, metal_model=DEFAULT_MODEL)
+    blanked = damaged.array.copy()
+    blanked[:, :, 0] = blanked.min()
+    gaps = medinpaint.find_artifacts(damaged.with_array(blanked), artifacts="slices")
+    assert gaps.bad_slices
+    with pytest.raises(MedinpaintError, match="is a metal model; pass it as the metal model"):
+        medinpaint.correct(damaged.with_array(blanked), gaps, model=DEFAULT_METAL_MODEL)

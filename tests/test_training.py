@@ -152,9 +152,22 @@ def test_metal_training_simulates_pairs_once_and_learns_the_metal_task(tmp_path)
     # Widened from that model to read the damaged scan too (the pairs keep it), as metal-v2 was.
     narrow = tmp_path / "narrow.safetensors"
     best.rename(narrow)
-    wide = train(replace(settings, init=str(narrow), original_input=True), log=lambda _: None)
+    wide = train(replace(settings, init=str(narrow), original_input=True, l2_weight=1.0), log=lambda _: None)
     assert pairs[0].stat().st_mtime_ns == stamp
     assert read_info(wide).original_input and read_info(wide).task == "metal"
+
+
+def test_masked_losses_ignore_voxels_outside_the_mask():
+    from medinpaint.training.train import masked_l1, masked_mse
+
+    target = torch.zeros(1, 1, 4, 4, 2)
+    mask = torch.zeros_like(target)
+    mask[..., :2, :, :] = 1  # 16 voxels inside
+    out = torch.full_like(target, 5.0)  # outside the mask: ignored
+    out[..., :2, :, :] = 0.1
+    out[0, 0, 0, 0, 0] = 1.0  # one large error, as next to metal
+    assert masked_l1(out, target, mask).item() == pytest.approx((15 * 0.1 + 1.0) / 16)
+    assert masked_mse(out, target, mask).item() == pytest.approx((15 * 0.01 + 1.0) / 16)
 
 
 def test_metal_pairs_carry_the_photon_count_they_were_asked_for(tmp_path):
@@ -176,6 +189,8 @@ def test_metal_pairs_carry_the_photon_count_they_were_asked_for(tmp_path):
     ({"task": "denoise"}, "choose slices or metal"),
     ({"task": "metal", "registered_input": True}, "registered_input is for task slices"),
     ({"loader_workers": 0}, "loader_workers must be at least 1"),
+    ({"l2_weight": -1.0}, "loss weights must be >= 0"),
+    ({"l1_weight": 0.0}, "with l1_weight or l2_weight above 0"),
 ])
 def test_training_settings_that_cannot_work_fail_before_any_work(tmp_path, change, message):
     from medinpaint.config import TrainSettings

@@ -53,7 +53,7 @@ def correct(args: argparse.Namespace) -> int:
     if found.synthesized.any():
         _say(args, f"filling {int(found.synthesized.sum())} voxels ({args.method})")
     result = correct_volume(
-        volume, found, method=args.method, model=args.model, settings=settings, device=args.device,
+        volume, found, method=args.method, model=args.model, metal_model=args.metal_model, settings=settings, device=args.device,
         progress=not getattr(args, "quiet", False), uncertainty=args.uncertainty,
     )
     written = save(result, args.output, overwrite=args.overwrite)
@@ -84,7 +84,7 @@ def batch(args: argparse.Namespace) -> int:
     suffix = "dicom" if args.format == "dicom" else "." + args.format
     _say(args, f"{len(cases)} cases" + (f"; shard {index}/{count} takes {len(cases[index::count])}" if count > 1 else ""))
     results = run_batch(
-        cases, out_dir, shard=(index, count), method=args.method, model=args.model, device=args.device,
+        cases, out_dir, shard=(index, count), method=args.method, model=args.model, metal_model=args.metal_model, device=args.device,
         settings=settings, suffix=suffix, workers=args.workers, report=args.report, progress=not getattr(args, "quiet", False),
     )
     if count > 1:

@@ -164,6 +164,10 @@ def masked_l1(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> to
     return (torch.abs(out - target) * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def masked_mse(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return ((out - target) ** 2 * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -184,6 +188,9 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
         raise MedinpaintError("registered_input is for task slices (it interpolates missing slices)")
     if settings.loader_workers < 1:
         raise MedinpaintError(f"loader_workers must be at least 1, got {settings.loader_workers}")
+    weights = {"l1_weight": settings.l1_weight, "l2_weight": settings.l2_weight, "ssim_weight": settings.ssim_weight}
+    if min(weights.values()) < 0 or settings.l1_weight + settings.l2_weight == 0:
+        raise MedinpaintError(f"loss weights must be >= 0 with l1_weight or l2_weight above 0, got {weights}")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     rank = int(os.environ.get("RANK", "0"))
     device = _pick_device(settings.device)
@@ -274,6 +281,8 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
             out = trainable(*inputs)
             l1 = masked_l1(out, image, mask)
             loss = settings.l1_weight * l1 + settings.ssim_weight * ssim(out, image)
+            if settings.l2_weight:
+                loss = loss + settings.l2_weight * masked_mse(out, image, mask)
             if adversary and step >= settings.adversarial.start_step:
                 loss = loss + adversary.generator_loss(out, mask)
             optimizer.zero_grad(set_to_none=True)
