@@ -88,6 +88,18 @@ def test_metal_simulate_and_correct_on_the_cli(cli, tmp_path, abdomen):
     labels = medinpaint.load(tmp_path / "metal_desc-damage_mask.nii.gz").array
     assert (labels == ArtifactKind.METAL).any() and (labels == ArtifactKind.METAL_STREAK).any()
     assert medinpaint.load(tmp_path / "metal_desc-reference.nii.gz").same_grid(medinpaint.load(damaged))
+    # --photons sets the noise (std against an all but noise-free re-scan): 10x the photons, 1/sqrt(10) of it.
+    for name, photons in (("quiet", "2e6"), ("silent", "2e9")):
+        code, _, err = cli("--quiet", "simulate", clean, tmp_path / f"{name}.nii.gz", "--artifact", "metal", "--seed", "5",
+                           "--kind", "rod", "--views", "240", "--photons", photons)
+        assert code == 0, err
+    ks = np.flatnonzero(labels.any(axis=(0, 1)))
+    silent = medinpaint.load(tmp_path / "silent_desc-reference.nii.gz").array[:, :, ks]
+    noise = {name: float(np.std(medinpaint.load(tmp_path / f"{name}_desc-reference.nii.gz").array[:, :, ks] - silent))
+             for name in ("metal", "quiet")}
+    assert noise["metal"] > 5 and 0.2 * noise["metal"] < noise["quiet"] < 0.45 * noise["metal"], noise
+    code, _, err = cli("--quiet", "simulate", clean, tmp_path / "none.nii.gz", "--artifact", "metal", "--photons", "0")
+    assert code == 2 and "--photons must be above 0" in err and not list(tmp_path.glob("none*")), err
 
     fixed = tmp_path / "fixed.nii.gz"
     code, _, err = cli("--quiet", "correct", damaged, fixed, "--artifacts", "metal", "--method", "classical")

@@ -240,10 +240,12 @@ def _simulate_metal(args: argparse.Namespace, out: Path, mask_path: Path, fmt: s
     volume = _load(args)
     if args.views < 16:
         raise MedinpaintError(f"--views must be at least 16, not {args.views}")
+    if not args.photons > 0:
+        raise MedinpaintError(f"--photons must be above 0, not {args.photons:g}")
     damaged, labels, reference = simulate_metal_volume(
-        volume, seed=args.seed, count=args.count or 1, kind=args.kind, views=args.views,
+        volume, seed=args.seed, count=args.count or 1, kind=args.kind, views=args.views, photons=args.photons,
     )
-    note = f"medinpaint simulate metal seed {args.seed}"
+    note = f"medinpaint simulate metal seed {args.seed} photons {args.photons:g}"
     with StagedOutputs(overwrite=args.overwrite) as staged:
         write_file(damaged, staged.path_for(out), fmt, None, note)
         write_file(volume.with_array(labels), staged.path_for(mask_path), fmt, "uint8", "medinpaint metal 7, artifact 6")

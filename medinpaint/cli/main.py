@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=720,
                    help="metal: views of the simulated scan over 360 degrees (default 720, with 736 channels; "
                         "channels scale with views; fewer is faster and coarser)")
+    p.add_argument("--photons", type=float, default=2e5,
+                   help="metal: unattenuated photons per detector bin, the noise level (default 2e5, noisy: about 95 HU "
+                        "in 1 mm pixels; 2e6 gives about a third of that)")
     p.add_argument("--run", type=int, default=1, help="slices: consecutive slices per run (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(handler=commands.simulate)
