@@ -127,6 +127,7 @@ def test_torchrun_two_cpu_processes_on_gloo(tmp_path):
 
 def test_metal_training_simulates_pairs_once_and_learns_the_metal_task(tmp_path):
     from medinpaint.config import DataSettings, TrainSettings
+    from medinpaint.errors import MedinpaintError
     from medinpaint.training.train import train
 
     settings = TrainSettings(
@@ -147,13 +148,19 @@ def test_metal_training_simulates_pairs_once_and_learns_the_metal_task(tmp_path)
     stamp = pairs[0].stat().st_mtime_ns
     train(settings, log=lambda _: None)  # a second run reuses the cached pairs
     assert pairs[0].stat().st_mtime_ns == stamp
+    # Another run may share the folder, but only when it asks for pairs made the same way.
+    shared_dir = replace(settings.data, metal_pairs_dir=str(tmp_path / "metal" / "pairs"))
+    with pytest.raises(MedinpaintError, match="its pairs were made with"):
+        train(replace(settings, output_dir=str(tmp_path / "other"), data=replace(shared_dir, metal_photons=2e6)),
+              log=lambda _: None)
     assert read_info(best).task == "metal"
     assert not read_info(best).original_input
     # Widened from that model to read the damaged scan too (the pairs keep it), as metal-v2 was.
     narrow = tmp_path / "narrow.safetensors"
     best.rename(narrow)
-    wide = train(replace(settings, init=str(narrow), original_input=True, l2_weight=1.0), log=lambda _: None)
-    assert pairs[0].stat().st_mtime_ns == stamp
+    wide = train(replace(settings, init=str(narrow), original_input=True, l2_weight=1.0,
+                         output_dir=str(tmp_path / "wide"), data=shared_dir), log=lambda _: None)
+    assert pairs[0].stat().st_mtime_ns == stamp and not (tmp_path / "wide" / "pairs").exists()  # the shared pairs
     assert read_info(wide).original_input and read_info(wide).task == "metal"
 
 

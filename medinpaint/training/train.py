@@ -84,13 +84,30 @@ def source_items(settings: TrainSettings) -> list[dict]:
 
 
 def metal_items(settings: TrainSettings, progress: bool) -> list[dict]:
-    """Simulated metal pairs (made once, then read from output_dir/pairs)."""
+    """Simulated metal pairs (made once, then read from data.metal_pairs_dir, by default output_dir/pairs).
+
+    The folder keeps the recipe its pairs were made with; a run asking for other pairs is refused
+    rather than trained on a mixture.
+    """
     from medinpaint.training.metal_pairs import make_pairs, pair_sources
 
     data = settings.data
     if data.metal_pairs < 1 or not data.ct:
         raise MedinpaintError("task metal needs data.metal_pairs > 0 and clean CT in data.ct")
-    out = Path(settings.output_dir) / "pairs"
+    out = Path(data.metal_pairs_dir) if data.metal_pairs_dir else Path(settings.output_dir) / "pairs"
+    recipe = {"seed": settings.seed, "sources": [str(c) for c in data.ct], "views": data.metal_views,
+              "pixel_mm": data.metal_pixel_mm, "photons": data.metal_photons}
+    recipe_file = out / "recipe.json"
+    if recipe_file.exists():
+        made_with = json.loads(recipe_file.read_text())
+        if made_with != recipe:
+            raise MedinpaintError(f"{out}: its pairs were made with {made_with}, this run asks for {recipe}; "
+                                  "point data.metal_pairs_dir elsewhere")
+    elif not any(out.glob("pair-*.npz")):  # a folder of pairs from before recipes were kept is used as it is
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = recipe_file.with_suffix(f".{os.getpid()}.tmp")  # atomic: other ranks may read it at once
+        tmp.write_text(json.dumps(recipe, indent=1))
+        os.replace(tmp, recipe_file)
     wanted = [out / f"pair-{n:04d}.npz" for n in range(data.metal_pairs)]
     if not all(p.exists() for p in wanted):
         make_pairs(pair_sources(data.ct, data.metal_pixel_mm), data.metal_pairs, out, settings.seed, data.metal_views,
