@@ -19,7 +19,7 @@ from medinpaint.inpaint.network import InpaintingUNet
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL = "medinpaint-slices-v3"  # the best measured (benchmarks/quality.py)
-DEFAULT_METAL_MODEL = "medinpaint-metal-v2"  # refines NMAR inside metal streak regions, reading the damaged scan too (benchmarks/metal.py)
+DEFAULT_METAL_MODEL = "medinpaint-metal-v3"  # refines NMAR inside metal streak regions, reading the damaged scan too (benchmarks/metal.py)
 
 
 @dataclass(frozen=True)
