@@ -7,9 +7,12 @@ with metal, inside the body, metal voxels (true or detected) excluded.
 
 Columns:
   uncorrected     the damaged scan
-  LI, NMAR        the whole slice replaced by the classical correction (as in the literature)
-  classical       what `medinpaint correct --method classical` writes: NMAR inside the detected
-                  streak region only, every other voxel as acquired
+  LI, NMAR        the whole slice replaced by the classical correction as in the literature: the
+                  detected metal's trace alone is re-filled
+  NMAR_halo       the same with the metal's bright rim re-filled too (metal halo_hu, as `correct`
+                  does by default): medinpaint's own classical step, not the literature's
+  classical       what `medinpaint correct --method classical` writes: NMAR_halo inside the detected
+                  streak region (which holds the rim) only, every other voxel as acquired
   network         what `medinpaint correct` writes: the metal model refines NMAR in the streak region
   noise_hu        the noise of the clean scan and of its simulated re-scan (median local SD in flat
                   soft tissue): how realistic --photons is for this scan
@@ -18,7 +21,7 @@ Columns:
                   own noise, which no correction can know; when this scores below NMAR, the score
                   is bound by that noise, not by what is left of the streaks
 
-    python benchmarks/metal.py [--configs 4] [--views 720] [--photons 2e5] [--cache DIR] [--model NAME_OR_PATH]
+    python benchmarks/metal.py [--configs 4] [--views 720] [--photons 2e5] [--cache DIR] [--model NAME_OR_PATH] [--halo-hu none|HU]
 """
 
 from __future__ import annotations
@@ -67,6 +70,31 @@ def score(reference, corrected, region) -> dict:
     return {"psnr_db": m["psnr_db"], "ssim": m["ssim"], "rmse_hu": m["rmse"]}
 
 
+def load_case(path: Path, clean) -> tuple:
+    """A cached case: damaged, reference, true labels and the detection kept with it."""
+    with np.load(path) as saved:
+        found = ArtifactMask(saved["found"], clean.affine, sources=["cache"],
+                             metal_corrected={int(k): s for k, s in zip(saved["ks"], saved["corrected"])})
+        if "damaged" not in saved:
+            return None, None, None, found
+        return clean.with_array(saved["damaged"]), clean.with_array(saved["reference"]), saved["labels"], found
+
+
+def save_case(path: Path, found: ArtifactMask, **arrays) -> None:
+    ks = sorted(found.metal_corrected)
+    corrected = np.stack([found.metal_corrected[k] for k in ks]) if ks else np.zeros((0,) + found.labels.shape[:2], np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, found=found.labels, ks=np.array(ks, int), corrected=corrected, **arrays)
+
+
+def whole_slices(damaged, found: ArtifactMask) -> np.ndarray:
+    """Every slice with metal replaced by the detection's classical correction, as in the literature."""
+    out = damaged.array.copy()
+    for k, s in found.metal_corrected.items():
+        out[:, :, k] = s
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
@@ -75,11 +103,14 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1, help="metal objects per configuration")
     parser.add_argument("--photons", type=float, default=2e5, help="unattenuated photons per ray (the noise level; default 2e5)")
     parser.add_argument("--cache", type=Path, help="keep simulated cases and their detection here (reused when present)")
+    parser.add_argument("--halo-hu", default="default",
+                        help="detection's metal halo_hu for classical and network: default (as `correct`), none, or a number of HU")
     parser.add_argument("--model", help=f"the metal model: a shipped name or a .safetensors file (default {DEFAULT_METAL_MODEL})")
     args = parser.parse_args()
     clean = medinpaint.load(args.data / "ct_abdomen_dicom")
-    metal_settings = MetalDetection()  # detection and re-projection as `correct` does them
-    settings = Settings(metal=metal_settings)
+    literature = MetalDetection(halo_hu=None)  # LI and NMAR as published: the metal's trace alone
+    metal_settings = MetalDetection() if args.halo_hu == "default" else MetalDetection(halo_hu=None if args.halo_hu == "none" else float(args.halo_hu))
+    settings = Settings(metal=metal_settings)  # detection and re-projection as `correct` does them
     has_network = args.model is not None or (MODELS_DIR / f"{DEFAULT_METAL_MODEL}.safetensors").is_file()
     rows, totals = [], {}
     for kind, seed in CONFIGS[: args.configs]:
@@ -87,22 +118,22 @@ def main() -> None:
         cached = args.cache / f"{kind}-{seed}-{args.count}x-{args.views}views{noise}.npz" if args.cache else None
         started = time.perf_counter()
         if cached and cached.exists():
-            with np.load(cached) as saved:
-                damaged, reference = clean.with_array(saved["damaged"]), clean.with_array(saved["reference"])
-                labels = saved["labels"]
-                found = ArtifactMask(saved["found"], clean.affine, sources=["cache"],
-                                     metal_corrected={int(k): s for k, s in zip(saved["ks"], saved["corrected"])})
+            damaged, reference, labels, found_lit = load_case(cached, clean)
         else:
             damaged, labels, reference = simulate_metal_volume(clean, seed=seed, count=args.count, kind=kind, views=args.views,
                                                                photons=args.photons)
-            found = find_artifacts(damaged, artifacts="metal", metal_settings=metal_settings)
+            found_lit = find_artifacts(damaged, artifacts="metal", metal_settings=literature)
             if cached:
-                args.cache.mkdir(parents=True, exist_ok=True)
-                ks_found = sorted(found.metal_corrected)
-                np.savez_compressed(cached, damaged=damaged.array, reference=reference.array, labels=labels,
-                                    found=found.labels, ks=np.array(ks_found, int),
-                                    corrected=np.stack([found.metal_corrected[k] for k in ks_found])
-                                    if ks_found else np.zeros((0,) + clean.shape[:2], np.float32))
+                save_case(cached, found_lit, damaged=damaged.array, reference=reference.array, labels=labels)
+        found = found_lit
+        if metal_settings.halo_hu is not None:
+            halo_cached = cached.with_name(f"{cached.stem}-halo{metal_settings.halo_hu:g}-{metal_settings.halo_px}px.npz") if cached else None
+            if halo_cached and halo_cached.exists():
+                found = load_case(halo_cached, clean)[3]
+            else:
+                found = find_artifacts(damaged, artifacts="metal", metal_settings=metal_settings)
+                if halo_cached:
+                    save_case(halo_cached, found)
         simulated = time.perf_counter() - started
         true_metal = labels == ArtifactKind.METAL
         metal = true_metal | (found.labels == ArtifactKind.METAL)
@@ -114,18 +145,17 @@ def main() -> None:
         true_artifact = labels == ArtifactKind.METAL_STREAK
 
         li = damaged.array.copy()
-        nmar_full = damaged.array.copy()
-        detected = found.labels == ArtifactKind.METAL
-        for k, s in metal_corrections(damaged, detected, sorted(found.metal_corrected), metal_settings, method="li").items():
+        detected = found_lit.labels == ArtifactKind.METAL
+        for k, s in metal_corrections(damaged, detected, sorted(found_lit.metal_corrected), literature, method="li").items():
             li[:, :, k] = s
-        for k in found.metal_corrected:
-            nmar_full[:, :, k] = found.metal_corrected[k]
         results = {
             "uncorrected": score(reference.array, damaged.array, region),
             "LI": score(reference.array, li, region),
-            "NMAR": score(reference.array, nmar_full, region),
-            "classical": score(reference.array, medinpaint.correct(damaged, found, method="classical", settings=settings).volume.array, region),
+            "NMAR": score(reference.array, whole_slices(damaged, found_lit), region),
         }
+        if metal_settings.halo_hu is not None:
+            results["NMAR_halo"] = score(reference.array, whole_slices(damaged, found), region)
+        results["classical"] = score(reference.array, medinpaint.correct(damaged, found, method="classical", settings=settings).volume.array, region)
         smoothed = damaged.array.copy()
         for k in ks:
             blurred = ndimage.gaussian_filter(reference.array[:, :, k], 1.0)

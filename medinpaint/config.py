@@ -49,6 +49,7 @@ class DataSettings:
     metal_views: int = 360  # task metal: views of those simulated scans (720 is a clinical scanner; slower)
     metal_pixel_mm: float = 1.5  # task metal: in-plane pixel the sources are resampled to before simulation
     metal_photons: float = 2e5  # task metal: unattenuated photons per ray of those scans (their noise level)
+    metal_halo_hu: float | None = None  # task metal: detection's metal.halo_hu for the pairs (None: metal trace alone, as metal-v1..v3 saw)
     metal_pairs_dir: str | None = None  # task metal: where the pairs are kept (default output_dir/pairs); runs may share one
 
 

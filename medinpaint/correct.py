@@ -151,7 +151,7 @@ def _fill_streaks(
         inside = streaks[:, :, k]
         filled[:, :, k][inside] = corrected[k][inside]
     parameters: dict = {"streaks": "NMAR (normalised metal artifact reduction, Meyer et al. 2010) on re-projected slices",
-                        "slices_with_streaks": ks}
+                        "slices_with_streaks": ks, "halo_hu": settings.metal.halo_hu, "halo_px": settings.metal.halo_px}
     if method == "classical":
         return parameters, None
     inference = settings.inference

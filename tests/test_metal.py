@@ -12,6 +12,7 @@ import medinpaint
 from medinpaint.artifacts.labels import ArtifactKind
 from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, DEFAULT_MODEL, MODELS_DIR
+from medinpaint.metal.masks import metal_halo
 from medinpaint.metrics import masked_metrics
 from medinpaint.simulate import simulate_metal_volume
 
@@ -64,6 +65,8 @@ def test_classical_correction_reduces_the_error_and_keeps_the_rest(steel_ball):
     assert metal[true_metal].all()  # every metal voxel found (with its one-voxel rim) ...
     near = ndimage.binary_dilation(true_metal, np.ones((9, 9, 1), bool))  # blooming of a 3 mm-pixel FBP
     assert not (metal & ~near).any()  # ... and no metal claimed away from it
+    halo = np.moveaxis(metal_halo(np.moveaxis(damaged.array, 2, 0), np.moveaxis(metal, 2, 0)), 0, 2)
+    assert halo.any() and streaks[halo].all()  # the re-filled rim is always in the synthesized region
     result = medinpaint.correct(damaged, found, method="classical")
     fixed = result.volume.array
     assert np.array_equal(fixed[~streaks], damaged.array[~streaks])  # metal and every other voxel as acquired

@@ -9,7 +9,7 @@ import torch
 from medinpaint.metal import materials
 from medinpaint.metal.fanbeam import FanBeamGeometry, fbp, project
 from medinpaint.metal.mar import interpolate_trace, li_mar, nmar
-from medinpaint.metal.masks import body_mask, find_metal, overlap, streak_region
+from medinpaint.metal.masks import body_mask, find_metal, metal_halo, overlap, streak_region
 from medinpaint.metal.simulate import random_metal, random_metal_volume, simulate_metal
 
 from conftest import shared
@@ -195,3 +195,53 @@ def test_streak_region_overlaps_true_artifact(scene):
     # titanium rod: faint streaks near the 50 HU cut, measured recall 0.38, precision 0.18
     o = overlap(region[0], truth[0])
     assert o["recall"] > 0.2 and o["precision"] > 0.08
+
+
+def test_metal_halo_is_the_bright_rim_touching_the_metal():
+    img = np.zeros((40, 40), np.float32)
+    metal = np.zeros((40, 40), bool)
+    metal[18:22, 18:22] = True
+    img[metal] = 4000
+    img[14:26, 14:22] = np.where(metal[14:26, 14:22], 4000, 900)  # a bright rim on three sides
+    img[18:22, 23:25] = 900  # bright and near, but parted from the metal by a dark column: not its rim
+    img[2:5, 2:5] = 900  # bright, far from the metal
+    halo = metal_halo(img, metal, low_hu=600, max_px=6)
+    assert not (halo & metal).any()
+    assert halo.sum() == halo[14:26, 14:22].sum() == 96 - 16
+    assert metal_halo(img, metal, low_hu=1000, max_px=6).sum() == 0
+    with pytest.raises(ValueError):
+        metal_halo(img, metal[:, :30])
+
+
+def test_refilling_the_halo_mends_a_blooming_screw_and_costs_little_elsewhere(scene):
+    """NMAR re-fills only the metal's trace; the bright rim below the metal threshold stays, and a
+    rim beside thin metal is seen by few metal rays, so NMAR keeps it (its prior classes it as bone).
+    Re-filling the rim's rays too mends that, at the price of a wider trace."""
+    from medinpaint.metal.simulate import random_metal
+
+    clean = scene["sim"].reference.numpy()[1]
+    body = body_mask(clean)
+    rng = np.random.default_rng(3)
+    screw, material = random_metal((N, N), SPACING, body, rng, kind="screw")
+    sim = simulate_metal(clean, screw, material, SPACING, rng, geometry=scene["g"], photons=2e6)
+    damaged, reference = sim.damaged.numpy(), sim.reference.numpy()
+    found = find_metal(damaged)
+    halo = metal_halo(damaged, found)
+    plain = nmar(sim.damaged, torch.from_numpy(found), scene["g"]).numpy()
+    refilled = nmar(sim.damaged, torch.from_numpy(found), scene["g"], trace_mask=torch.from_numpy(halo)).numpy()
+    assert np.array_equal(refilled[found], damaged[found])  # the metal itself is put back
+
+    def rmse(image):
+        region = body & ~found & ~screw
+        return float(np.sqrt(np.mean((image - reference)[region] ** 2)))
+
+    # measured: 571 rim pixels; RMSE uncorrected 431, NMAR 205, NMAR with the rim re-filled 156 HU
+    assert halo.sum() > 200
+    assert rmse(refilled) < 0.85 * rmse(plain)
+    # the small iron ball of the scene blooms little (8 rim pixels, which NMAR already restores):
+    # the wider trace then costs a little, measured 41.6 -> 43.1 HU
+    small = metal_halo(scene["sim"].damaged.numpy(), scene["found"])
+    assert 0 < small[1].sum() < 50 and not small[0].any()
+    ball = nmar(scene["sim"].damaged, scene["found"], scene["g"], trace_mask=torch.from_numpy(small)).numpy()
+    assert np.array_equal(ball[0], scene["nmar"][0])  # no rim, nothing changes
+    assert _rmse(scene, ball, 1) < 1.1 * _rmse(scene, scene["nmar"], 1)

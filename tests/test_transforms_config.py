@@ -66,6 +66,19 @@ def test_unknown_setting_is_an_error(tmp_path):
         load_settings(bad)
 
 
+def test_bad_metal_halo_setting_is_an_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("metal:\n  halo_hu: high\n")
+    with pytest.raises(MedinpaintError, match="halo_hu must be a number of HU or null"):
+        load_settings(bad)
+    bad.write_text("metal:\n  halo_hu: null\n  halo_px: 0\n")
+    with pytest.raises(MedinpaintError, match="halo_px must be an integer of at least 1"):
+        load_settings(bad)
+    off = tmp_path / "off.yaml"
+    off.write_text("metal:\n  halo_hu: null\n")
+    assert load_settings(off).metal.halo_hu is None
+
+
 def test_shipped_training_recipe_holds_out_the_evaluation_scan():
     settings = load_train_settings(REPO / "configs" / "train_default.yaml")
     used = " ".join(settings.data.ct + settings.data.mr + settings.data.folders)

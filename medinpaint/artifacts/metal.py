@@ -19,7 +19,7 @@ from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError
 from medinpaint.metal.fanbeam import FanBeamGeometry
 from medinpaint.metal.mar import li_mar, nmar
-from medinpaint.metal.masks import find_metal, streak_region
+from medinpaint.metal.masks import find_metal, metal_halo, streak_region
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,17 @@ class MetalDetection:
     threshold_hu: float | None = None  # None: 2500 HU, or 2800 HU when the scan is clipped at 3071
     min_voxels: int = 3  # smaller bright specks are noise, not metal
     streak_threshold_hu: float = 40.0  # |image - NMAR| above this (smoothed) is streak
+    halo_hu: float | None = 600.0  # the rim around metal above this HU is re-filled with it (None: the metal alone, literature LI/NMAR)
+    halo_px: int = 12  # how far from the metal that rim may reach
     views: int | str = "auto"  # re-projection views over 360 degrees; auto: as many as channels
     channels: int | str = "auto"  # detector channels; auto: ~1.44 per pixel across the field (736 for 512 x 0.98 mm)
     slices_per_batch: int = 4  # slices re-projected together (memory vs speed)
+
+    def __post_init__(self) -> None:
+        if self.halo_hu is not None and (isinstance(self.halo_hu, bool) or not isinstance(self.halo_hu, (int, float))):
+            raise MedinpaintError(f"metal halo_hu must be a number of HU or null, not {self.halo_hu!r}")
+        if isinstance(self.halo_px, bool) or not isinstance(self.halo_px, int) or self.halo_px < 1:
+            raise MedinpaintError(f"metal halo_px must be an integer of at least 1, not {self.halo_px!r}")
 
 
 @dataclass
@@ -94,8 +102,9 @@ def find_metal_artifacts(
     with_metal = [int(k) for k in np.flatnonzero(metal.any(axis=(1, 2)))]
     if with_metal:
         geometry = geometry_for(volume, settings)
-        for ks, image, mask, fixed in _corrected_batches(slices, metal, with_metal, geometry, settings, method, progress):
-            streaks[ks] = streak_region(image, mask, geometry, nmar_image=fixed, threshold_hu=settings.streak_threshold_hu)
+        for ks, image, mask, halo, fixed in _corrected_batches(slices, metal, with_metal, geometry, settings, method, progress):
+            # the halo is re-filled by the correction, so it is always part of the synthesized region
+            streaks[ks] = streak_region(image, mask, geometry, nmar_image=fixed, threshold_hu=settings.streak_threshold_hu) | halo
             corrected.update(zip(ks, fixed.numpy()))
     return MetalFinding(
         metal=np.moveaxis(metal, 0, 2), streaks=np.moveaxis(streaks, 0, 2), corrected=corrected, method=method
@@ -110,14 +119,17 @@ def metal_corrections(
     check_ct(volume)
     geometry = geometry_for(volume, settings)
     batches = _corrected_batches(np.moveaxis(volume.array, 2, 0), np.moveaxis(metal, 2, 0), slices, geometry, settings, method)
-    return {k: s for ks, _, _, fixed in batches for k, s in zip(ks, fixed.numpy())}
+    return {k: s for ks, _, _, _, fixed in batches for k, s in zip(ks, fixed.numpy())}
 
 
 def _corrected_batches(slices, metal, ks_all: list[int], geometry, settings: MetalDetection, method: str, progress: bool = False):
-    """Yield (slice indices, image, metal mask, LI/NMAR correction) for ``ks_all`` of (k, i, j) arrays, a few slices at a time."""
+    """Yield (slice indices, image, metal mask, halo, LI/NMAR correction) for ``ks_all`` of (k, i, j) arrays, a few slices at a time."""
     correct = nmar if method == "nmar" else li_mar
     batches = [ks_all[i : i + settings.slices_per_batch] for i in range(0, len(ks_all), settings.slices_per_batch)]
     for ks in tqdm(batches, desc="metal correction", unit="batch", disable=not progress or len(batches) < 2):
         image = torch.from_numpy(np.nan_to_num(slices[ks], nan=-1024.0).astype(np.float32))
         mask = torch.from_numpy(np.ascontiguousarray(metal[ks]))
-        yield ks, image, mask, correct(image, mask, geometry)
+        halo = np.zeros(mask.shape, dtype=bool)
+        if settings.halo_hu is not None:
+            halo = metal_halo(image.numpy(), mask.numpy(), settings.halo_hu, settings.halo_px)
+        yield ks, image, mask, halo, correct(image, mask, geometry, trace_mask=torch.from_numpy(halo) | mask)

@@ -16,17 +16,23 @@ from medinpaint.metal.fanbeam import FanBeamGeometry, fbp, project
 MU_SCALE = 1.0 / 1000.0  # projections are of (HU + 1000) / 1000: water = 1, air = 0
 
 
-def _prepare(image_hu, metal_mask, geometry: FanBeamGeometry):
+def _as_mask(mask, img: torch.Tensor, name: str) -> torch.Tensor:
+    mask = torch.as_tensor(mask, device=img.device).bool()
+    mask = mask[None] if mask.dim() == 2 else mask
+    if tuple(mask.shape) != tuple(img.shape):
+        raise ValueError(f"{name} shape {tuple(mask.shape)} does not match image_hu {tuple(img.shape)}")
+    return mask
+
+
+def _prepare(image_hu, metal_mask, geometry: FanBeamGeometry, trace_mask=None):
     img = torch.as_tensor(image_hu).float()
     squeeze = img.dim() == 2
     img = img[None] if squeeze else img
-    mask = torch.as_tensor(metal_mask, device=img.device).bool()
-    mask = mask[None] if mask.dim() == 2 else mask
     if img.dim() != 3 or tuple(img.shape[-2:]) != tuple(geometry.image_shape):
         raise ValueError(f"image_hu must be (B, H, W) with (H, W) = {tuple(geometry.image_shape)}, got {tuple(img.shape)}")
-    if tuple(mask.shape) != tuple(img.shape):
-        raise ValueError(f"metal_mask shape {tuple(mask.shape)} does not match image_hu {tuple(img.shape)}")
-    return img, mask, squeeze
+    mask = _as_mask(metal_mask, img, "metal_mask")
+    trace_mask = mask if trace_mask is None else _as_mask(trace_mask, img, "trace_mask") | mask
+    return img, mask, trace_mask, squeeze
 
 
 def metal_trace(geometry: FanBeamGeometry, metal_mask: torch.Tensor) -> torch.Tensor:
@@ -58,11 +64,15 @@ def _finish(corrected, img, mask, geometry, filter, squeeze):
     return out[0] if squeeze else out
 
 
-def li_mar(image_hu, metal_mask, geometry: FanBeamGeometry, filter: str = "shepp-logan") -> torch.Tensor:
-    """Linear-interpolation MAR; metal voxels are put back with their original values."""
-    img, mask, squeeze = _prepare(image_hu, metal_mask, geometry)
+def li_mar(image_hu, metal_mask, geometry: FanBeamGeometry, filter: str = "shepp-logan", trace_mask=None) -> torch.Tensor:
+    """Linear-interpolation MAR; metal voxels are put back with their original values.
+
+    ``trace_mask`` (default: the metal) is what is removed from the sinogram: the metal plus, for
+    example, its halo (``masks.metal_halo``); only the metal itself is put back.
+    """
+    img, mask, trace_mask, squeeze = _prepare(image_hu, metal_mask, geometry, trace_mask)
     sino = project(geometry, (img.clamp(min=-1000) + 1000.0) * MU_SCALE)
-    trace = metal_trace(geometry, mask)
+    trace = metal_trace(geometry, trace_mask)
     return _finish(interpolate_trace(sino, trace), img, mask, geometry, filter, squeeze)
 
 
@@ -86,13 +96,20 @@ def nmar_prior(li_image_hu: torch.Tensor, metal_mask: torch.Tensor, air_hu: floa
     return torch.where(metal_mask, torch.zeros_like(prior), prior)
 
 
-def nmar(image_hu, metal_mask, geometry: FanBeamGeometry, filter: str = "shepp-logan", air_hu: float = -500.0, bone_hu: float = 350.0) -> torch.Tensor:
-    """Normalised MAR (Meyer et al., Med. Phys. 37(10), 2010); metal voxels put back."""
-    img, mask, squeeze = _prepare(image_hu, metal_mask, geometry)
+def nmar(
+    image_hu, metal_mask, geometry: FanBeamGeometry, filter: str = "shepp-logan", air_hu: float = -500.0, bone_hu: float = 350.0,
+    trace_mask=None,
+) -> torch.Tensor:
+    """Normalised MAR (Meyer et al., Med. Phys. 37(10), 2010); metal voxels put back.
+
+    ``trace_mask`` as in ``li_mar``: with the metal's halo in it, the halo's rays are re-filled
+    too and the halo is classed as soft tissue in the prior instead of being kept as bone.
+    """
+    img, mask, trace_mask, squeeze = _prepare(image_hu, metal_mask, geometry, trace_mask)
     sino = project(geometry, (img.clamp(min=-1000) + 1000.0) * MU_SCALE)
-    trace = metal_trace(geometry, mask)
+    trace = metal_trace(geometry, trace_mask)
     li_img = fbp(geometry, interpolate_trace(sino, trace), filter=filter) / MU_SCALE - 1000.0
-    prior = nmar_prior(li_img, mask, air_hu, bone_hu)
+    prior = nmar_prior(li_img, trace_mask, air_hu, bone_hu)
     prior_sino = project(geometry, (prior + 1000.0) * MU_SCALE)
     eps = 1e-3 * geometry.ray_step_mm  # rays through air only: keep the ratio finite
     norm = sino / (prior_sino + eps)

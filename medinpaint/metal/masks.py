@@ -77,6 +77,35 @@ def find_metal(hu_volume, threshold: float | None = None, min_voxels: int = 3, d
     return full
 
 
+def metal_halo(hu_slices, metal_mask, low_hu: float = 600.0, max_px: int = 12) -> np.ndarray:
+    """Bool mask of the bright rim around metal that stays below the metal threshold (metal excluded).
+
+    Pixels within ``max_px`` of the metal, above ``low_hu`` and connected to the metal through such
+    pixels, slice by slice. Re-projection keeps this rim as if it were tissue, and NMAR's prior
+    classes it as bone, so an image-domain correction leaves a bright halo unless the rim's rays
+    are re-filled too (on the simulated screw at 2e6 photons: 26.5 dB with the metal's trace
+    alone, 31.3 dB with the rim's as well). Bone that touches the metal is in it too and is
+    re-filled from the prior.
+    """
+    hu = np.asarray(hu_slices)
+    metal = np.asarray(metal_mask, dtype=bool)
+    if hu.shape != metal.shape or hu.ndim not in (2, 3):
+        raise ValueError(f"hu_slices {hu.shape} and metal_mask {metal.shape} must be the same 2D or 3D shape")
+    if max_px < 1:
+        raise ValueError(f"max_px must be >= 1, got {max_px}")
+    squeeze = hu.ndim == 2
+    hu, metal = (hu[None], metal[None]) if squeeze else (hu, metal)
+    out = np.zeros(hu.shape, dtype=bool)
+    for i in range(hu.shape[0]):
+        if not metal[i].any():
+            continue
+        near = ndimage.distance_transform_edt(~metal[i]) <= max_px
+        labels, _ = ndimage.label(((hu[i] > low_hu) & near) | metal[i])
+        touching = np.unique(labels[metal[i]])
+        out[i] = np.isin(labels, touching[touching > 0]) & ~metal[i]
+    return out[0] if squeeze else out
+
+
 def streak_region(hu_slices, metal_mask, geometry: FanBeamGeometry, nmar_image=None, threshold_hu: float = 40.0, sigma_px: float = 1.5, grow_px: int = 1, min_pixels: int = 10) -> np.ndarray:
     """Bool (B, H, W) region of metal artifacts: where the image departs from its NMAR correction.
 

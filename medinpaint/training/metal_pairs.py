@@ -47,7 +47,7 @@ def pair_sources(paths: tuple[str, ...], pixel_mm: float) -> list[Volume]:
 
 def make_pairs(
     sources: list[Volume], count: int, out_dir: Path, seed: int, views: int, slab: int = 16, progress: bool = True,
-    photons: float = 2e5,
+    photons: float = 2e5, halo_hu: float | None = None,
 ) -> list[Path]:
     """Write ``count`` pairs (skipping those already there, so an interrupted run resumes)."""
     if not sources:
@@ -56,12 +56,18 @@ def make_pairs(
     paths = [out_dir / f"pair-{n:04d}.npz" for n in range(count)]
     for n, path in enumerate(tqdm(paths, desc="simulating metal pairs", unit="pair", disable=not progress)):
         if not path.exists():
-            make_pair(sources, n, path, seed, views, slab, photons)
+            make_pair(sources, n, path, seed, views, slab, photons, halo_hu)
     return paths
 
 
-def make_pair(sources: list[Volume], n: int, path: Path, seed: int, views: int, slab: int = 16, photons: float = 2e5) -> None:
-    """Pair number ``n``, the same for the same seed whichever process makes it (written atomically)."""
+def make_pair(
+    sources: list[Volume], n: int, path: Path, seed: int, views: int, slab: int = 16, photons: float = 2e5, halo_hu: float | None = None,
+) -> None:
+    """Pair number ``n``, the same for the same seed whichever process makes it (written atomically).
+
+    ``halo_hu``: detection as `correct` does it with that metal ``halo_hu`` (None: the metal's trace
+    alone, as the shipped metal models were trained).
+    """
     rng = np.random.default_rng([seed, n])
     source = sources[int(rng.integers(len(sources)))]
     start = int(rng.integers(0, max(source.shape[2] - slab, 0) + 1))
@@ -69,7 +75,7 @@ def make_pair(sources: list[Volume], n: int, path: Path, seed: int, views: int, 
     damaged, _, reference = simulate_metal_volume(
         volume, seed=int(rng.integers(2**31)), count=int(rng.integers(1, 3)), views=views, photons=photons,
     )
-    settings = MetalDetection()  # detection exactly as `correct` does it
+    settings = MetalDetection(halo_hu=halo_hu)  # detection as `correct` does it
     found = find_artifacts(damaged, artifacts="metal", metal_settings=settings)
     streaks = found.labels == ArtifactKind.METAL_STREAK
     prefilled = correct(damaged, found, method="classical", settings=Settings(metal=settings)).volume.array  # NMAR in the streaks

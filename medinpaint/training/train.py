@@ -97,6 +97,8 @@ def metal_items(settings: TrainSettings, progress: bool) -> list[dict]:
     out = Path(data.metal_pairs_dir) if data.metal_pairs_dir else Path(settings.output_dir) / "pairs"
     recipe = {"seed": settings.seed, "sources": [str(c) for c in data.ct], "views": data.metal_views,
               "pixel_mm": data.metal_pixel_mm, "photons": data.metal_photons}
+    if data.metal_halo_hu is not None:  # recorded only when set: folders made before the setting stay valid
+        recipe["halo_hu"] = data.metal_halo_hu
     recipe_file = out / "recipe.json"
     if recipe_file.exists():
         made_with = json.loads(recipe_file.read_text())
@@ -111,8 +113,7 @@ def metal_items(settings: TrainSettings, progress: bool) -> list[dict]:
     wanted = [out / f"pair-{n:04d}.npz" for n in range(data.metal_pairs)]
     if not all(p.exists() for p in wanted):
         make_pairs(pair_sources(data.ct, data.metal_pixel_mm), data.metal_pairs, out, settings.seed, data.metal_views,
-                   photons=data.metal_photons,
-                   progress=progress)
+                   photons=data.metal_photons, halo_hu=data.metal_halo_hu, progress=progress)
     return [{"path": str(p)} for p in wanted]
 
 
