@@ -88,7 +88,7 @@ def save_case(path: Path, found: ArtifactMask, **arrays) -> None:
 
 
 def whole_slices(damaged, found: ArtifactMask) -> np.ndarray:
-    """Every slice with metal replaced by the detection's classical correction, as in the literature."""
+    """Every slice with metal replaced by the detection's classical correction (whole slices, as the literature scores LI and NMAR)."""
     out = damaged.array.copy()
     for k, s in found.metal_corrected.items():
         out[:, :, k] = s
