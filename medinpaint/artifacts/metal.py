@@ -132,4 +132,4 @@ def _corrected_batches(slices, metal, ks_all: list[int], geometry, settings: Met
         halo = np.zeros(mask.shape, dtype=bool)
         if settings.halo_hu is not None:
             halo = metal_halo(image.numpy(), mask.numpy(), settings.halo_hu, settings.halo_px)
-        yield ks, image, mask, halo, correct(image, mask, geometry, trace_mask=torch.from_numpy(halo) | mask)
+        yield ks, image, mask, halo, correct(image, mask, geometry, trace_mask=torch.from_numpy(halo))  # the metal is always in the trace
