@@ -22,7 +22,7 @@ from medinpaint.artifacts.find import ArtifactMask
 from medinpaint.artifacts.labels import ArtifactKind
 from medinpaint.config import Settings
 from medinpaint.inpaint.classical import interpolate_slices
-from medinpaint.inpaint.registered import registered_slices
+from medinpaint.inpaint.registered import with_registered_slices
 from medinpaint.metrics import masked_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,10 +39,7 @@ def fill(volume, removed: list[int], method: str, model: str | None, settings: S
     if method in ("linear", "cubic"):
         return interpolate_slices(volume.array, removed, order=method)
     if method == "registered":  # motion-compensated interpolation alone (slices-v3 reads it as a second view)
-        filled = volume.array.astype(np.float32, copy=True)
-        for k, plane in registered_slices(volume.array, removed).items():
-            filled[:, :, k] = plane
-        return filled
+        return with_registered_slices(volume.array.astype(np.float32), volume.array, removed)
     labels = np.zeros(volume.shape, np.uint8)
     labels[:, :, removed] = ArtifactKind.MISSING_SLICE
     artifacts = ArtifactMask.from_labels(labels, volume.affine, sources=["benchmark"])

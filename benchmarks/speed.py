@@ -27,7 +27,7 @@ from medinpaint.inpaint.classical import network_prefill
 from medinpaint.inpaint.inference import pick_device
 from medinpaint.inpaint.models import load_model
 from medinpaint.inpaint.normalize import Normalizer
-from medinpaint.inpaint.registered import registered_slices
+from medinpaint.inpaint.registered import with_registered_slices
 from medinpaint.metrics import masked_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,10 +123,7 @@ def run(device: torch.device, data: Path, skip_plain: bool) -> dict:
             channels = [prefilled, truth.astype(np.float32)]
             t = time.perf_counter()
             if info.registered_input:  # the same third input as ours (timed: the plain call needs it too)
-                guide = prefilled.copy()
-                for k, plane in registered_slices(volume.array, BLANKED).items():
-                    guide[:, :, k] = normalizer.forward(plane)
-                channels.append(guide)
+                channels.append(with_registered_slices(prefilled, volume.array, BLANKED, normalizer.forward))
             x = torch.from_numpy(np.stack(channels)[None])
             del prefilled, channels
             with torch.no_grad():

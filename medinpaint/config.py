@@ -52,6 +52,12 @@ class DataSettings:
     metal_halo_hu: float | None = None  # task metal: detection's metal.halo_hu for the pairs (None: metal trace alone, as metal-v1..v3 saw)
     metal_pairs_dir: str | None = None  # task metal: where the pairs are kept (default output_dir/pairs); runs may share one
 
+    def __post_init__(self) -> None:
+        try:  # checked when the recipe is read, not hours later when the pairs are made
+            MetalDetection(halo_hu=self.metal_halo_hu)
+        except MedinpaintError as exc:
+            raise MedinpaintError(f"data.metal_halo_hu: {exc}") from None
+
 
 @dataclass(frozen=True)
 class AdversarialSettings:

@@ -85,9 +85,7 @@ def correct(
         if not others.any():
             filled = volume.array.astype(np.float32, copy=True)
         else:
-            net, info = load_model(model, torch_device)
-            if info.task != "slices":
-                raise MedinpaintError(f"{info.name} is a {info.task} model; pass it as the metal model (--metal-model)")
+            net, info = load_model(model, torch_device, task="slices")
             model_info = {"Name": info.name, "SHA256": info.sha256, "File": info.path.name}
             used: dict = {}
             out = network_fill(
@@ -156,9 +154,7 @@ def _fill_streaks(
         return parameters, None
     inference = settings.inference
     torch_device = pick_device(device or inference.device)
-    net, info = load_model(metal_model or DEFAULT_METAL_MODEL, torch_device)
-    if info.task != "metal":
-        raise MedinpaintError(f"{info.name} is not a metal-streak model (its task is {info.task}); pass it as --model")
+    net, info = load_model(metal_model or DEFAULT_METAL_MODEL, torch_device, task="metal")
     margin = inference.context_voxels
     k0, k1 = max(ks[0] - margin, 0), min(ks[-1] + margin + 1, volume.shape[2])
     used: dict = {}

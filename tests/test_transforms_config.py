@@ -79,6 +79,15 @@ def test_bad_metal_halo_setting_is_an_error(tmp_path):
     assert load_settings(off).metal.halo_hu is None
 
 
+def test_training_recipe_checks_the_pairs_rim_threshold_when_read(tmp_path):
+    recipe = tmp_path / "train.yaml"
+    recipe.write_text("task: metal\ndata:\n  metal_halo_hu: high\n")
+    with pytest.raises(MedinpaintError, match="data.metal_halo_hu: metal halo_hu must be a number of HU or null, not 'high'"):
+        load_train_settings(recipe)
+    recipe.write_text("task: metal\ndata:\n  metal_halo_hu: 600\n")
+    assert load_train_settings(recipe).data.metal_halo_hu == 600
+
+
 def test_shipped_training_recipe_holds_out_the_evaluation_scan():
     settings = load_train_settings(REPO / "configs" / "train_default.yaml")
     used = " ".join(settings.data.ct + settings.data.mr + settings.data.folders)

@@ -100,9 +100,19 @@ def list_models() -> list[ModelInfo]:
     return [read_info(p) for p in sorted(MODELS_DIR.glob("*.safetensors"))]
 
 
-def load_model(name_or_path: str | None = None, device: torch.device | str = "cpu") -> tuple[InpaintingUNet, ModelInfo]:
+_WRONG_TASK_HINT = {  # what to do with a model handed to the other job
+    "slices": "{name} is a {task} model; pass it as the metal model (--metal-model)",
+    "metal": "{name} is not a metal-streak model (its task is {task}); pass it as --model",
+}
+
+
+def load_model(name_or_path: str | None = None, device: torch.device | str = "cpu",
+               task: str | None = None) -> tuple[InpaintingUNet, ModelInfo]:
+    """The network and its card facts; with ``task``, a model trained for another job is refused before its weights load."""
     path = resolve(name_or_path)
     info = read_info(path)
+    if task is not None and info.task != task:
+        raise MedinpaintError(_WRONG_TASK_HINT[task].format(name=info.name, task=info.task))
     model = InpaintingUNet(info.features, original_input=info.original_input, registered_input=info.registered_input)
     state = load_file(str(path), device="cpu")
     try:

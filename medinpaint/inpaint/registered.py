@@ -50,6 +50,18 @@ def registered_slices(array: np.ndarray, bad_slices: list[int], progress: bool =
     return filled
 
 
+def with_registered_slices(base: np.ndarray, array: np.ndarray, bad_slices: list[int], transform=None) -> np.ndarray:
+    """A copy of ``base`` whose bad slices hold ``array``'s registered fill (through ``transform``, e.g. a normaliser).
+
+    This is the network's third input: the pre-fill everywhere else, so the two differ only where
+    registration has something to say.
+    """
+    guide = base.copy()
+    for k, plane in registered_slices(array, bad_slices).items():
+        guide[:, :, k] = plane if transform is None else transform(plane)
+    return guide
+
+
 def displacement(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
     """Per-pixel (row, column) displacement with fixed(p) ~ moving(p + d(p))."""
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()

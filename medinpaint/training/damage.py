@@ -11,7 +11,7 @@ import numpy as np
 from monai.transforms import MapTransform, Randomizable
 
 from medinpaint.inpaint.classical import network_prefill
-from medinpaint.inpaint.registered import registered_slices
+from medinpaint.inpaint.registered import with_registered_slices
 
 
 def slice_damage(n_k: int, rng: np.random.RandomState, max_run: int = 5, margin: int = 2) -> list[int]:
@@ -76,10 +76,7 @@ class RandDamaged(MapTransform, Randomizable):
             mask = hole_damage(shape, self.R)
             prefilled = network_prefill(image, [], mask)
         if self.registered:
-            guide = prefilled.copy()
-            for k, plane in registered_slices(image, bad).items():
-                guide[:, :, k] = plane
-            d["registered"] = guide[None].astype(np.float32)
+            d["registered"] = with_registered_slices(prefilled, image, bad)[None].astype(np.float32)
         d["image"] = image[None]
         d["mask"] = mask[None].astype(np.float32)
         d["prefilled"] = prefilled[None].astype(np.float32)
