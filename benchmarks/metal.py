@@ -87,10 +87,10 @@ def save_case(path: Path, found: ArtifactMask, **arrays) -> None:
     np.savez_compressed(path, found=found.labels, ks=np.array(ks, int), corrected=corrected, **arrays)
 
 
-def whole_slices(damaged, found: ArtifactMask) -> np.ndarray:
-    """Every slice with metal replaced by the detection's classical correction (whole slices, as the literature scores LI and NMAR)."""
+def whole_slices(damaged, corrected: dict[int, np.ndarray]) -> np.ndarray:
+    """Every slice with metal replaced by its classical correction (whole slices, as the literature scores LI and NMAR)."""
     out = damaged.array.copy()
-    for k, s in found.metal_corrected.items():
+    for k, s in corrected.items():
         out[:, :, k] = s
     return out
 
@@ -144,17 +144,15 @@ def main() -> None:
         streak_mask = found.labels == ArtifactKind.METAL_STREAK
         true_artifact = labels == ArtifactKind.METAL_STREAK
 
-        li = damaged.array.copy()
         detected = found_lit.labels == ArtifactKind.METAL
-        for k, s in metal_corrections(damaged, detected, sorted(found_lit.metal_corrected), literature, method="li").items():
-            li[:, :, k] = s
+        li = whole_slices(damaged, metal_corrections(damaged, detected, sorted(found_lit.metal_corrected), literature, method="li"))
         results = {
             "uncorrected": score(reference.array, damaged.array, region),
             "LI": score(reference.array, li, region),
-            "NMAR": score(reference.array, whole_slices(damaged, found_lit), region),
+            "NMAR": score(reference.array, whole_slices(damaged, found_lit.metal_corrected), region),
         }
         if metal_settings.halo_hu is not None:
-            results["NMAR_halo"] = score(reference.array, whole_slices(damaged, found), region)
+            results["NMAR_halo"] = score(reference.array, whole_slices(damaged, found.metal_corrected), region)
         results["classical"] = score(reference.array, medinpaint.correct(damaged, found, method="classical", settings=settings).volume.array, region)
         smoothed = damaged.array.copy()
         for k in ks:
