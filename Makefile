@@ -23,6 +23,10 @@ demo: $(STAMP)
 		--mask sample_data/ct_abdomen_3mm_damaged_desc-damage_mask.nii.gz
 
 test: $(STAMP)
+	@# headless Chromium for tests/test_report.py's browser checks (they skip without it): installed when root and missing
+	@[ "$$(id -u)" != 0 ] || command -v chromium >/dev/null || ! command -v apt-get >/dev/null || \
+		( (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+		|| echo "could not install chromium: the browser tests will skip" )
 	$(PY) -m pytest -q tests
 
 clean:

@@ -1,188 +1,304 @@
-"""Metal-artifact correction on a CT that no model saw: uncorrected, LI, NMAR, and medinpaint.
+"""Metal-artifact correction scored against a metal-free truth: our own simulator and XCIST.
 
-For each configuration, metal is inserted into the held-out `ct_abdomen_dicom` (512 x 512 x 20,
-2 mm) and the slices holding it are re-scanned (`medinpaint.simulate.simulate_metal_volume`),
-together with their metal-free reference.  Scores: PSNR, SSIM and RMSE in HU over the slices
-with metal, inside the body, metal voxels (true or detected) excluded.
+Two sources of cases, both from `ct_abdomen_dicom` (512 x 512, 0.98 mm; no model saw it):
 
-Columns:
-  uncorrected     the damaged scan
-  LI, NMAR        the whole slice replaced by the classical correction as in the literature: the
-                  detected metal's trace alone is re-filled
-  NMAR_halo       the same with the metal's bright rim re-filled too (metal halo_hu, as `correct`
-                  does by default): medinpaint's own classical step, not the literature's
-  classical       what `medinpaint correct --method classical` writes: NMAR_halo inside the detected
-                  streak region (which holds the rim) only, every other voxel as acquired
-  network         what `medinpaint correct` writes: the metal model refines NMAR in the streak region
-  noise_hu        the noise of the clean scan and of its simulated re-scan (median local SD in flat
-                  soft tissue): how realistic --photons is for this scan
-  smoothed_reference  a diagnostic, not a method: the true metal-free slices blurred by a 1-pixel
-                  Gaussian inside the detected streak region.  The reference carries the scan's
-                  own noise, which no correction can know; when this scores below NMAR, the score
-                  is bound by that noise, not by what is left of the streaks
+* own simulator (default): metal inserted and the slices re-scanned by
+  `medinpaint.simulate.simulate_metal_volume`, with its metal-free reference.  metal-v3 was trained
+  on pairs from this simulator, so it is not an independent test.
+* `--xcist DIR`: cases made by XCIST (`gecatsim`, GE's open CT simulator behind the AAPM CT-MAR
+  challenge; we did not write it and the shipped model never saw it).  One slice per case is turned
+  into a voxelized water/bone phantom, metal is added (titanium rods, titanium screws, a steel ball,
+  thin steel wires, a silver dental-like cluster), and XCIST scans it with and without the metal
+  (polychromatic 120 kVp, quantum and electronic noise, a third-generation curved detector,
+  its own FDK reconstruction) at two tube currents (noise levels).  The cases are cached in DIR.
+  XCIST is a benchmark-only dependency: `pip download --no-deps gecatsim`, unpack the sdist and put
+  it on PYTHONPATH (with matplotlib, which it imports); its prebuilt library runs where pip's build
+  of it fails.
 
-    python benchmarks/metal.py [--configs 4] [--views 720] [--photons 2e5] [--cache DIR] [--model NAME_OR_PATH] [--halo-hu none|HU]
+Scores: PSNR, SSIM and RMSE (HU) in the body, metal (true or detected, grown by a pixel) excluded,
+on the slices holding metal.  Columns:
+  uncorrected   the damaged scan
+  LI, NMAR      the whole slice replaced by the literature's correction (the metal's trace alone)
+  change_only   image + FBP(NMAR sinogram - sinogram of the image), metal halo re-filled, written in
+                the region where that change is significant, every slice corrected (metal.gate: off)
+  default       what `medinpaint correct` writes with the shipped settings (change-only, gated)
+  network       the change-only fill refined by the metal model (metal.refine: network), gated
+  gate          per slice: the streak evidence and the decision
+
+    python benchmarks/metal.py [--configs 4] [--views 720] [--photons 2e5] [--cache DIR] [--model NAME_OR_PATH]
+    PYTHONPATH=/tmp/gecatsim/gecatsim-1.6.9 python benchmarks/metal.py --xcist DIR [--xcist-views 500] [--ma 200,800]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import io
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy import ndimage
+from skimage.metrics import structural_similarity
 
 import medinpaint
-from medinpaint.artifacts.find import ArtifactMask, find_artifacts
+from medinpaint.artifacts.find import find_artifacts
 from medinpaint.artifacts.labels import ArtifactKind
-from medinpaint.artifacts.metal import MetalDetection, metal_corrections
+from medinpaint.artifacts.metal import MetalDetection, geometry_for
+from medinpaint.body import body_mask
 from medinpaint.config import Settings
 from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, MODELS_DIR
-from medinpaint.metal.masks import overlap
-from medinpaint.metrics import masked_metrics
+from medinpaint.metal.mar import li_mar, nmar
 from medinpaint.simulate import simulate_metal_volume
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = [("ball", 0), ("screw", 2), ("irregular", 3), ("ball", 4), ("rod", 1), ("screw", 6), ("irregular", 7), ("rod", 5)]
+XCIST_CASES = [("ti_rods", 4), ("ti_screws", 8), ("steel_ball", 12), ("wires", 16), ("dental", 10)]  # (metal, slice of ct_abdomen_dicom)
+XCIST_PIXEL_MM = 500.0 / 512  # XCIST reconstructs 512 x 512 over a 500 mm field: the scan's own grid
 
 
-def soft_tissue_noise_hu(hu_slices: np.ndarray) -> float | None:
-    """Median local standard deviation (7x7 pixels) in flat soft tissue: the noise level of a scan.
-
-    Flat soft tissue: 15x15 neighbourhoods entirely within -20..150 HU.  None where there is none,
-    as at a noise level so high that no neighbourhood stays in that window.
-    """
-    values = []
-    for k in range(hu_slices.shape[2]):
-        img = hu_slices[:, :, k].astype(np.float64)
-        mean, mean_sq = ndimage.uniform_filter(img, 7), ndimage.uniform_filter(img * img, 7)
-        local_sd = np.sqrt(np.maximum(mean_sq - mean * mean, 0))
-        flat = ndimage.uniform_filter(((img > -20) & (img < 150)).astype(np.float64), 15) > 0.99
-        values.append(local_sd[flat])
-    values = np.concatenate(values)
-    return round(float(np.median(values)), 1) if values.size else None
+def score(reference: np.ndarray, image: np.ndarray, region: np.ndarray) -> dict:
+    """PSNR (data range of the reference in the region), SSIM (7 px windows, per slice) and RMSE in HU."""
+    err = image[region].astype(np.float64) - reference[region]
+    rng = float(reference[region].max() - reference[region].min())
+    ssim = []
+    for k in np.flatnonzero(region.any(axis=(0, 1))):
+        _, smap = structural_similarity(reference[:, :, k].astype(np.float64), image[:, :, k].astype(np.float64),
+                                        data_range=rng, win_size=7, full=True)
+        ssim.append(smap[region[:, :, k]])
+    mse = float(np.mean(err**2))
+    return {"psnr_db": round(10 * np.log10(rng**2 / mse), 2), "ssim": round(float(np.mean(np.concatenate(ssim))), 4),
+            "rmse_hu": round(float(np.sqrt(mse)), 1)}
 
 
-def score(reference, corrected, region) -> dict:
-    m = masked_metrics(reference, corrected, region, "CT")
-    return {"psnr_db": m["psnr_db"], "ssim": m["ssim"], "rmse_hu": m["rmse"]}
-
-
-def load_case(path: Path, clean) -> tuple:
-    """A cached case: damaged, reference, true labels and the detection kept with it."""
-    with np.load(path) as saved:
-        found = ArtifactMask(saved["found"], clean.affine, sources=["cache"],
-                             metal_corrected={int(k): s for k, s in zip(saved["ks"], saved["corrected"])})
-        if "damaged" not in saved:
-            return None, None, None, found
-        return clean.with_array(saved["damaged"]), clean.with_array(saved["reference"]), saved["labels"], found
-
-
-def save_case(path: Path, found: ArtifactMask, **arrays) -> None:
-    ks = sorted(found.metal_corrected)
-    corrected = np.stack([found.metal_corrected[k] for k in ks]) if ks else np.zeros((0,) + found.labels.shape[:2], np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, found=found.labels, ks=np.array(ks, int), corrected=corrected, **arrays)
-
-
-def whole_slices(damaged, corrected: dict[int, np.ndarray]) -> np.ndarray:
-    """Every slice with metal replaced by its classical correction (whole slices, as the literature scores LI and NMAR)."""
-    out = damaged.array.copy()
-    for k, s in corrected.items():
-        out[:, :, k] = s
+def literature(volume, metal: np.ndarray, ks: list[int], method: str) -> np.ndarray:
+    """Every slice in ``ks`` replaced by LI or NMAR as published (the metal's trace alone, whole slice)."""
+    geometry = geometry_for(volume, MetalDetection())
+    out = volume.array.copy()
+    correct = li_mar if method == "li" else nmar
+    for k in ks:
+        image = torch.from_numpy(np.nan_to_num(volume.array[:, :, k], nan=-1024.0).astype(np.float32))
+        out[:, :, k] = correct(image, torch.from_numpy(metal[:, :, k]), geometry).numpy()
     return out
+
+
+def score_case(damaged, reference: np.ndarray, true_metal: np.ndarray, network: bool, model: str | None) -> dict:
+    """Every column for one case (damaged: a Volume; reference and true_metal on its grid)."""
+    default = Settings()
+    found = find_artifacts(damaged, artifacts="metal", metal_settings=default.metal)
+    detected = found.labels == ArtifactKind.METAL
+    ks = sorted(set(np.flatnonzero((true_metal | detected).any(axis=(0, 1))).tolist()))
+    region = np.zeros(damaged.shape, bool)
+    region[:, :, ks] = body_mask(reference, slice_axis=2, largest_only=False, opening=False)[:, :, ks]
+    region &= ~ndimage.binary_dilation(true_metal | detected, np.ones((3, 3, 1), bool))
+    forced = Settings(metal=dataclasses.replace(default.metal, gate="off"))
+    found_forced = find_artifacts(damaged, artifacts="metal", metal_settings=forced.metal)
+    det_ks = sorted(found_forced.metal_gate)
+    row = {
+        "uncorrected": score(reference, damaged.array, region),
+        "LI": score(reference, literature(damaged, detected, det_ks, "li"), region),
+        "NMAR": score(reference, literature(damaged, detected, det_ks, "nmar"), region),
+        "change_only": score(reference, medinpaint.correct(damaged, found_forced, method="classical", settings=forced).volume.array, region),
+    }
+    t = time.perf_counter()
+    row["default"] = score(reference, medinpaint.correct(damaged, found, settings=default).volume.array, region)
+    row["default_seconds"] = round(time.perf_counter() - t, 1)
+    if network and (found.labels == ArtifactKind.METAL_STREAK).any():
+        refined = Settings(metal=dataclasses.replace(default.metal, refine="network"))
+        row["network"] = score(reference, medinpaint.correct(damaged, found, settings=refined, metal_model=model).volume.array, region)
+    elif network:
+        row["network"] = row["default"]  # every slice gated out: the network is not run, the scan is kept
+    row["gate"] = {k: (v["decision"].split(",")[0], v["streak_evidence"], v["noise_hu"]) for k, v in found.metal_gate.items()}
+    row["streak_fraction_of_body"] = round(float((found.labels == ArtifactKind.METAL_STREAK)[region].mean()), 3)
+    return row
+
+
+# ----- XCIST ---------------------------------------------------------------------------------------
+
+def _import_xcist():
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            import gecatsim
+            import gecatsim.reconstruction.pyfiles.recon  # noqa: F401
+    except ImportError as exc:
+        sys.exit(f"error: --xcist needs XCIST (gecatsim) importable ({exc}): pip download --no-deps gecatsim -d /tmp/gecatsim, "
+                 "unpack the sdist, and put it (and matplotlib) on PYTHONPATH for this benchmark only")
+    return gecatsim
+
+
+def _phantom_fractions(hu: np.ndarray) -> dict[str, np.ndarray]:
+    """Water and bone volume fractions from HU: water of density 0..1 up to 0 HU (soft tissue is water), above 100 HU a water/bone mix."""
+    hu = np.nan_to_num(hu, nan=-1024.0)
+    bone = np.clip((hu - 100) / 1500, 0, 1)
+    water = np.where(hu > 100, 1 - bone, np.clip((hu + 1000) / 1000, 0, 1.0))
+    return {"water": water.astype(np.float32), "bone": bone.astype(np.float32)}
+
+
+def xcist_metal(kind: str, hu: np.ndarray, supersample: int = 4) -> tuple[np.ndarray, str]:
+    """Metal volume fraction (partial volume from 4x supersampling) and XCIST material for one case."""
+    n = hu.shape[0]
+    bi, bj = ndimage.center_of_mass(hu > -300)
+    si, sj = ndimage.center_of_mass(hu > 300)
+    c = (np.arange(n * supersample) + 0.5) / supersample - 0.5
+    ii, jj = np.meshgrid(c, c, indexing="ij")
+    mm = 1 / XCIST_PIXEL_MM
+
+    def disk(ci, cj, r):
+        return (ii - ci) ** 2 + (jj - cj) ** 2 < (r * mm) ** 2
+
+    def bar(ci, cj, width, length, degrees):
+        a = np.deg2rad(degrees)
+        u, v = (ii - ci) * np.cos(a) + (jj - cj) * np.sin(a), -(ii - ci) * np.sin(a) + (jj - cj) * np.cos(a)
+        return (np.abs(u) < length * mm / 2) & (np.abs(v) < width * mm / 2)
+
+    if kind == "ti_rods":  # two 6 mm titanium rods seen end-on
+        mask, material = disk(bi + 20 * mm, bj - 25 * mm, 3) | disk(bi + 20 * mm, bj + 25 * mm, 3), "Ti"
+    elif kind == "ti_screws":  # two 5 x 40 mm titanium pedicle-like screws in-plane, converging on the vertebra
+        mask, material = bar(si - 12 * mm, sj - 12 * mm, 5, 40, 70) | bar(si - 12 * mm, sj + 12 * mm, 5, 40, 110), "Ti"
+    elif kind == "steel_ball":  # a 14 mm steel ball
+        mask, material = disk(bi - 30 * mm, bj - 40 * mm, 7), "Fe"
+    elif kind == "wires":  # three 1.2 mm steel wires
+        mask = disk(bi - 80 * mm, bj - 20 * mm, 0.6) | disk(bi - 80 * mm, bj, 0.6) | disk(bi - 80 * mm, bj + 20 * mm, 0.6)
+        material = "Fe"
+    elif kind == "dental":  # five 5-7 mm silver blobs on an arc, like fillings
+        mask = np.zeros(ii.shape, bool)
+        for degrees, r in zip((200, 235, 270, 305, 340), (2.5, 3.5, 3.0, 3.5, 2.5)):
+            a = np.deg2rad(degrees)
+            mask |= disk(bi + 25 * mm * np.sin(a) + 10 * mm, bj + 25 * mm * np.cos(a), r)
+        material = "Ag"
+    else:
+        raise ValueError(kind)
+    return mask.reshape(n, supersample, n, supersample).mean(axis=(1, 3)).astype(np.float32), material
+
+
+def _xcist_scan(xc, folder: Path, name: str, fractions: dict[str, np.ndarray], views: int, ma: float, seed: int) -> np.ndarray:
+    """Scan one voxelized slice with XCIST (1 detector row, ``views`` over 360 degrees) and reconstruct it in HU."""
+    import gecatsim.reconstruction.pyfiles.recon as recon
+
+    n = next(iter(fractions.values())).shape[0]
+    files = []
+    for material, volume in fractions.items():
+        files.append(f"{name}_{material}.raw")
+        volume.astype(np.float32)[None].tofile(folder / files[-1])
+    count = len(fractions)
+    phantom = {"n_materials": count, "mat_name": list(fractions), "volumefractionmap_filename": files,
+               "volumefractionmap_datatype": ["float"] * count, "cols": [n] * count, "rows": [n] * count, "slices": [1] * count,
+               "x_size": [XCIST_PIXEL_MM] * count, "y_size": [XCIST_PIXEL_MM] * count, "z_size": [10.0] * count,
+               "x_offset": [(n + 1) / 2] * count, "y_offset": [(n + 1) / 2] * count, "z_offset": [1.0] * count}
+    (folder / f"{name}.json").write_text(json.dumps(phantom))
+    cfg = Path(xc.__file__).parent / "examples" / "cfg"
+    np.random.seed(seed)  # XCIST draws its noise from numpy's global generator
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ct = xc.CatSim(*(str(cfg / c) for c in ("Phantom_Sample", "Scanner_Sample_generic", "Protocol_Sample_axial",
+                                                "Physics_Sample", "Recon_Sample_2d")))
+        ct.phantom.filename, ct.phantom.scale = str(folder / f"{name}.json"), 1.0
+        ct.resultsName = str(folder / name)
+        ct.protocol.viewsPerRotation = ct.protocol.viewCount = views
+        ct.protocol.stopViewId = views - 1
+        ct.protocol.mA = ma
+        ct.scanner.detectorRowsPerMod = ct.scanner.detectorRowCount = 1
+        for sampling in ("colSampleCount", "rowSampleCount", "srcXSampleCount", "srcYSampleCount", "viewSampleCount"):
+            setattr(ct.physics, sampling, 1)
+        ct.physics.energyCount = 12
+        ct.recon.fov, ct.recon.imageSize, ct.recon.sliceCount, ct.recon.sliceThickness = 500.0, n, 1, 1.0
+        ct.run_all()
+        ct.do_Recon = 1
+        recon.recon(ct)
+    return np.array(xc.rawread(str(folder / f"{name}_{n}x{n}x1.raw"), [1, n, n], "float")[0], dtype=np.float32)
+
+
+def xcist_case(clean, kind: str, k: int, views: int, ma: float, cache: Path) -> dict:
+    """One XCIST case (damaged, reference, metal fraction on the reconstruction's grid), cached in ``cache``."""
+    path = cache / f"{kind}-{ma:g}mA-{views}v.npz"
+    if not path.exists():
+        xc = _import_xcist()
+        work = cache / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        hu = clean.array[:, :, k].astype(np.float32)
+        metal, material = xcist_metal(kind, hu)
+        reference = _xcist_scan(xc, work, f"ref{k}-{ma:g}", _phantom_fractions(hu), views, ma, seed=k)
+        with_metal = {name: f * (1 - metal) for name, f in _phantom_fractions(hu).items()} | {material: metal}
+        damaged = _xcist_scan(xc, work, f"{kind}-{ma:g}", with_metal, views, ma, seed=100 + k)
+        # XCIST's reconstruction has the phantom's orientation (checked: correlation with the source slice)
+        corr = float(np.corrcoef(np.clip(hu, -500, 500).ravel(), np.clip(reference, -500, 500).ravel())[0, 1])
+        if corr < 0.9:
+            raise RuntimeError(f"XCIST reconstruction of slice {k} does not match its source (correlation {corr:.3f})")
+        np.savez_compressed(path, damaged=damaged, reference=reference, metal=metal, slice=k, mA=ma, views=views, material=material)
+    with np.load(path) as saved:
+        return {name: saved[name] for name in saved.files}
+
+
+def run_xcist(args, clean, network: bool) -> list[dict]:
+    rows = []
+    for ma in args.ma:
+        for kind, k in XCIST_CASES[: args.configs]:
+            started = time.perf_counter()
+            case = xcist_case(clean, kind, k, args.xcist_views, ma, args.xcist)
+            grid = clean.slab(k, k + 1)
+            damaged = grid.with_array(case["damaged"][:, :, None])
+            true_metal = (case["metal"] > 0.25)[:, :, None]
+            row = {"case": f"xcist {kind} {ma:g} mA", "material": str(case["material"])}
+            row |= score_case(damaged, case["reference"][:, :, None], true_metal, network, args.model)
+            row["seconds"] = round(time.perf_counter() - started, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def run_own(args, clean, network: bool) -> list[dict]:
+    rows = []
+    for kind, seed in CONFIGS[: args.configs]:
+        started = time.perf_counter()
+        noise = "" if args.photons == 2e5 else f"-{args.photons:g}photons"
+        cached = args.cache / f"own-{kind}-{seed}-{args.views}views{noise}.npz" if args.cache else None
+        if cached and cached.exists():
+            with np.load(cached) as saved:
+                damaged, reference, labels = clean.with_array(saved["damaged"]), saved["reference"], saved["labels"]
+        else:
+            damaged, labels, reference = simulate_metal_volume(clean, seed=seed, kind=kind, views=args.views, photons=args.photons)
+            reference = reference.array
+            if cached:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(cached, damaged=damaged.array, reference=reference, labels=labels)
+        row = {"case": f"own {kind} seed {seed} {args.photons:g} photons"}
+        row |= score_case(damaged, reference, labels == ArtifactKind.METAL, network, args.model)
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--configs", type=int, default=4, help=f"how many metal configurations (at most {len(CONFIGS)})")
-    parser.add_argument("--views", type=int, default=720, help="views of the simulated scan (736 channels at 720)")
-    parser.add_argument("--count", type=int, default=1, help="metal objects per configuration")
-    parser.add_argument("--photons", type=float, default=2e5, help="unattenuated photons per ray (the noise level; default 2e5)")
-    parser.add_argument("--cache", type=Path, help="keep simulated cases and their detection here (reused when present)")
-    parser.add_argument("--halo-hu", default="default",
-                        help="detection's metal halo_hu for classical and network: default (as `correct`), none, or a number of HU")
-    parser.add_argument("--model", help=f"the metal model: a shipped name or a .safetensors file (default {DEFAULT_METAL_MODEL})")
+    parser.add_argument("--configs", type=int, default=4, help=f"how many cases per noise level (at most {len(CONFIGS)} own, {len(XCIST_CASES)} XCIST)")
+    parser.add_argument("--views", type=int, default=720, help="own simulator: views of the simulated scan")
+    parser.add_argument("--photons", type=float, default=2e5, help="own simulator: unattenuated photons per ray (noise level)")
+    parser.add_argument("--cache", type=Path, help="own simulator: keep simulated cases here (reused when present)")
+    parser.add_argument("--xcist", type=Path, help="score XCIST cases instead, made (once) and cached in this folder")
+    parser.add_argument("--xcist-views", type=int, default=500, help="XCIST: views over 360 degrees")
+    parser.add_argument("--ma", type=lambda s: [float(x) for x in s.split(",")], default=[200.0, 800.0],
+                        help="XCIST: tube currents, comma-separated (the noise levels; 1 mm slice, 1 s rotation)")
+    parser.add_argument("--model", help=f"the metal model for the network column (default {DEFAULT_METAL_MODEL})")
+    parser.add_argument("--no-network", action="store_true", help="skip the network column (slow on the CPU)")
     args = parser.parse_args()
     clean = medinpaint.load(args.data / "ct_abdomen_dicom")
-    literature = MetalDetection(halo_hu=None)  # LI and NMAR as published: the metal's trace alone
-    metal_settings = MetalDetection() if args.halo_hu == "default" else MetalDetection(halo_hu=None if args.halo_hu == "none" else float(args.halo_hu))
-    settings = Settings(metal=metal_settings)  # detection and re-projection as `correct` does them
-    has_network = args.model is not None or (MODELS_DIR / f"{DEFAULT_METAL_MODEL}.safetensors").is_file()
-    rows, totals = [], {}
-    for kind, seed in CONFIGS[: args.configs]:
-        noise = "" if args.photons == 2e5 else f"-{args.photons:g}photons"
-        cached = args.cache / f"{kind}-{seed}-{args.count}x-{args.views}views{noise}.npz" if args.cache else None
-        started = time.perf_counter()
-        if cached and cached.exists():
-            damaged, reference, labels, found_lit = load_case(cached, clean)
-        else:
-            damaged, labels, reference = simulate_metal_volume(clean, seed=seed, count=args.count, kind=kind, views=args.views,
-                                                               photons=args.photons)
-            found_lit = find_artifacts(damaged, artifacts="metal", metal_settings=literature)
-            if cached:
-                save_case(cached, found_lit, damaged=damaged.array, reference=reference.array, labels=labels)
-        found = found_lit
-        if metal_settings.halo_hu is not None:
-            halo_cached = cached.with_name(f"{cached.stem}-halo{metal_settings.halo_hu:g}-{metal_settings.halo_px}px.npz") if cached else None
-            if halo_cached and halo_cached.exists():
-                found = load_case(halo_cached, clean)[3]
-            else:
-                found = find_artifacts(damaged, artifacts="metal", metal_settings=metal_settings)
-                if halo_cached:
-                    save_case(halo_cached, found)
-        simulated = time.perf_counter() - started
-        true_metal = labels == ArtifactKind.METAL
-        metal = true_metal | (found.labels == ArtifactKind.METAL)
-        ks = sorted(set(np.flatnonzero(true_metal.any(axis=(0, 1))).tolist()))
-        region = np.zeros(clean.shape, bool)
-        region[:, :, ks] = True
-        region &= ~metal
-        streak_mask = found.labels == ArtifactKind.METAL_STREAK
-        true_artifact = labels == ArtifactKind.METAL_STREAK
-
-        detected = found_lit.labels == ArtifactKind.METAL
-        li = whole_slices(damaged, metal_corrections(damaged, detected, sorted(found_lit.metal_corrected), literature, method="li"))
-        results = {
-            "uncorrected": score(reference.array, damaged.array, region),
-            "LI": score(reference.array, li, region),
-            "NMAR": score(reference.array, whole_slices(damaged, found_lit.metal_corrected), region),
-        }
-        if metal_settings.halo_hu is not None:
-            results["NMAR_halo"] = score(reference.array, whole_slices(damaged, found.metal_corrected), region)
-        results["classical"] = score(reference.array, medinpaint.correct(damaged, found, method="classical", settings=settings).volume.array, region)
-        smoothed = damaged.array.copy()
-        for k in ks:
-            blurred = ndimage.gaussian_filter(reference.array[:, :, k], 1.0)
-            smoothed[:, :, k][streak_mask[:, :, k]] = blurred[streak_mask[:, :, k]]
-        results["smoothed_reference"] = score(reference.array, smoothed, region)
-        if has_network:
-            t = time.perf_counter()
-            results["network"] = score(reference.array, medinpaint.correct(damaged, found, settings=settings, metal_model=args.model).volume.array, region)
-            results["network_seconds"] = round(time.perf_counter() - t, 1)
-        row = {
-            "config": f"{kind} seed {seed}",
-            "slices_with_metal": len(ks),
-            "metal_voxels": int(true_metal.sum()),
-            "streak_mask_vs_true_artifact": {k: round(v, 3) for k, v in overlap(streak_mask, true_artifact).items()},
-            # the noise of the scan as acquired against that of the simulated re-scan (the reference)
-            "noise_hu": {"scan": soft_tissue_noise_hu(clean.array[:, :, ks]), "reference": soft_tissue_noise_hu(reference.array[:, :, ks])},
-            "simulate_and_detect_seconds": round(simulated, 1),
-        } | results
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        for method, value in results.items():
-            if isinstance(value, dict):
-                for key, number in value.items():
-                    totals.setdefault(method, {}).setdefault(key, []).append(number)
-    summary = {method: {key: round(float(np.mean(v)), 4) for key, v in values.items()} for method, values in totals.items()}
-    if not has_network:
-        summary["network"] = f"not run: no {DEFAULT_METAL_MODEL} model shipped"
-    print(json.dumps({"mean_over_configs": summary}, indent=2))
+    network = not args.no_network and (args.model is not None or (MODELS_DIR / f"{DEFAULT_METAL_MODEL}.safetensors").is_file())
+    rows = run_xcist(args, clean, network) if args.xcist else run_own(args, clean, network)
+    methods = [m for m in ("uncorrected", "LI", "NMAR", "change_only", "default", "network") if m in rows[0]]
+    summary = {m: {key: round(float(np.mean([r[m][key] for r in rows])), 3) for key in rows[0][m]} for m in methods}
+    summary["default_never_below_uncorrected"] = all(r["default"]["psnr_db"] >= r["uncorrected"]["psnr_db"] for r in rows)
+    print(json.dumps({"mean_over_cases": summary}, indent=2))
+    print("\n| case | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods))
+    for r in rows:
+        print(f"| {r['case']} | " + " | ".join(f"{r[m]['psnr_db']:.2f} / {r[m]['ssim']:.3f} / {r[m]['rmse_hu']:.0f}" for m in methods) + " |")
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("MPLBACKEND", "Agg")  # XCIST imports pyplot
     main()

@@ -7,6 +7,8 @@ dataclasses; unknown keys are an error so a typo never silently does nothing.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,37 @@ class InferenceSettings:
 
 
 @dataclass(frozen=True)
+class GateSettings:
+    """The "never below classical" gate of slice filling (medinpaint/inpaint/gate.py)."""
+
+    enabled: bool = True  # measure network vs classical fills on left-out acquired slices of each scan
+    margin_db: float = 0.1  # the network is written only when its left-out PSNR beats the best classical fill by this
+    picks: int = 6  # left-out runs per gap length (runs as long as the scan's real gaps, away from them)
+    classical: tuple[str, ...] = ("linear", "cubic", "registered")  # candidates; registered = motion-compensated
+    seed: int = 0  # placement of the left-out runs (same seed, same picks)
+
+
+@dataclass(frozen=True)
+class AdaptSettings:
+    """Per-scan self-supervised fine-tuning of the slice model before filling (medinpaint/inpaint/adapt.py)."""
+
+    steps: int | str = "off"  # off | auto | a number of steps
+    seconds: float = 60.0  # stop adapting after this long, whatever the steps
+    auto_steps_cpu: int = 200  # steps for auto on the CPU (layers head: each a pass over the cached patches, cheap)
+    auto_steps_cuda: int = 300  # steps for auto on a GPU
+    patches: int = 8  # damaged training patches cut from the scan (made once: the registered fill is slow on the CPU)
+    min_slices: int = 12  # auto adapts only scans with at least this many acquired slices left for training
+    layers: str = "head"  # head: only the last convolution learns (no backward through the UNet); all: every weight
+    lr: float = 1e-2  # head: a few dozen steps must move a gate bias by whole units
+    patch_size: tuple[int, int, int] = (48, 48, 16)  # training crop (clipped to the scan, padded to multiples of 16)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Settings:
     inference: InferenceSettings = field(default_factory=InferenceSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
+    adapt: AdaptSettings = field(default_factory=AdaptSettings)
     slices: SliceDetection = field(default_factory=SliceDetection)
     metal: MetalDetection = field(default_factory=MetalDetection)
 
@@ -105,6 +136,7 @@ def _build(cls, values: dict[str, Any], where: str):
     if not isinstance(values, dict):
         raise MedinpaintError(f"{where}: expected a mapping, got {type(values).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise MedinpaintError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -117,7 +149,45 @@ def _build(cls, values: dict[str, Any], where: str):
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
-    return cls(**kwargs)
+    built = cls(**kwargs)  # the settings' own checks first: their messages say the most
+    for name, value in values.items():
+        if not dataclasses.is_dataclass(getattr(built, name)) and not _fits(kwargs[name], hints[name]):
+            raise MedinpaintError(f"{where}.{name}: expected {_type_name(hints[name])}, got {value!r}{_yaml_number_hint(value)}")
+    return built
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML value has the type a setting declares (an int is a float too; a bool is neither)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    text = str(hint) if not isinstance(hint, type) else hint.__name__
+    return text.replace("NoneType", "null").replace("typing.", "")
+
+
+def _yaml_number_hint(value: Any) -> str:
+    """PyYAML reads 1e-3 (no dot) as text: say so rather than leave the user puzzled."""
+    try:
+        float(value) if isinstance(value, str) else None
+    except ValueError:
+        return ""
+    return " (YAML reads a number like 1e-3 as text; write 1.0e-3)" if isinstance(value, str) else ""
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
 from medinpaint.artifacts.find import ArtifactMask, find_artifacts
 from medinpaint.artifacts.labels import ArtifactKind
-from medinpaint.artifacts.metal import metal_corrections
+from medinpaint.artifacts.metal_correction import metal_corrections
 from medinpaint.config import Settings
 from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.classical import classical_fill
+from medinpaint.inpaint.gate import gated_fill
 from medinpaint.inpaint.inference import network_fill, pick_device
 from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, load_model
 
@@ -33,6 +34,8 @@ class Correction:
     parameters: dict
     seconds: float
     uncertainty: np.ndarray | None = None
+    models: dict | None = None  # every model that ran, by task ("slices", "metal"); ``model`` is the first of them
+    run: dict | None = None  # the run's effective settings (provenance.run_settings), set by the caller that knows them
 
     @property
     def synthesized(self) -> np.ndarray:
@@ -50,11 +53,22 @@ def correct(
     progress: bool = False,
     uncertainty: bool = False,
     metal_model: str | None = None,
+    networks: dict | None = None,
+    gate: bool | None = None,
+    adapt: str | int | None = None,
+    save_adapted: str | None = None,
+    overwrite: bool = False,
 ) -> Correction:
     """Fill the synthesized region of ``artifacts`` (found with defaults when not given).
 
     ``model`` fills missing slices and holes, ``metal_model`` refines metal streaks; each is a
     shipped name or a .safetensors file (a fine-tuned model), the shipped default when None.
+    ``networks`` maps a task ("slices", "metal") to a pre-built (network, ModelInfo) used
+    instead of loading that model: the MONAI bundle runs its own ``network_def`` this way.
+    ``gate`` (default: settings.gate.enabled) writes the network's slices only where the scan's own
+    left-out slices say it beats the best classical fill; ``adapt`` (off, auto or steps; default
+    settings.adapt.steps) fine-tunes a copy of the slice model on the scan first, kept in memory
+    unless ``save_adapted`` names a .safetensors file (replaced only with ``overwrite``).
     """
     if method not in METHODS:
         raise MedinpaintError(f"unknown method {method!r}; choose network or classical")
@@ -65,14 +79,14 @@ def correct(
     artifacts = artifacts if artifacts is not None else find_artifacts(volume, slice_settings=settings.slices, metal_settings=settings.metal, progress=progress)
     if artifacts.labels.shape != volume.shape:
         raise MedinpaintError("artifact mask does not match the volume's shape")
-    holes = artifacts.synthesized
+    holes = artifacts.to_fill  # resampled slices keep the loader's interpolation; the mask still flags them
     if holes.all():
         raise MedinpaintError("every voxel is flagged as broken; there is nothing left to repair from")
     whole_slices = sorted(artifacts.bad_slices)
     streaks = artifacts.labels == ArtifactKind.METAL_STREAK
     others = holes & ~streaks if streaks.any() else holes
     spread = None
-    model_info = None
+    model_info = slices_info = None
     parameters: dict = {"artifacts_found_by": artifacts.sources}
     if method == "classical":
         filled = classical_fill(volume.array, whole_slices, others, order="linear")
@@ -85,15 +99,27 @@ def correct(
         if not others.any():
             filled = volume.array.astype(np.float32, copy=True)
         else:
-            net, info = load_model(model, torch_device, task="slices")
-            model_info = {"Name": info.name, "SHA256": info.sha256, "File": info.path.name}
+            net, info = _network("slices", model, torch_device, networks)
+            model_info = slices_info = {"Name": info.name, "SHA256": info.sha256, "File": info.path.name}
             used: dict = {}
-            out = network_fill(
-                volume.array, others, whole_slices, volume.modality, net, inference, torch_device,
-                progress=progress, flip_axes=(0, 1) if uncertainty else (),
-                slice_prefill=info.slice_prefill, run_info=used,
-            )
-            filled, spread = out if uncertainty else (out, None)
+            adapt = settings.adapt.steps if adapt is None else adapt
+            if gate is not None:
+                settings = replace(settings, gate=replace(settings.gate, enabled=gate))
+            if whole_slices and (settings.gate.enabled or adapt not in ("off", 0, None) or save_adapted):
+                filled, spread, parameters["slice_gate"] = gated_fill(
+                    volume.array, whole_slices, others, volume.modality, net, info, settings, torch_device, adapt=adapt,
+                    save_adapted_to=save_adapted, overwrite=overwrite, progress=progress,
+                    flip_axes=(0, 1) if uncertainty else (), run_info=used,
+                )
+            else:
+                if save_adapted:
+                    raise MedinpaintError("--save-adapted: no adaptation runs without whole missing slices")
+                out = network_fill(
+                    volume.array, others, whole_slices, volume.modality, net, inference, torch_device,
+                    progress=progress, flip_axes=(0, 1) if uncertainty else (),
+                    slice_prefill=info.slice_prefill, run_info=used,
+                )
+                filled, spread = out if uncertainty else (out, None)
             parameters |= asdict(inference) | used | {
                 "device": str(torch_device), "slice_prefill": info.slice_prefill,
                 "registered_slices": info.registered_input,  # motion-compensated interpolation as a second view
@@ -101,11 +127,12 @@ def correct(
             }
     if streaks.any():
         parameters["metal"], metal_spread = _fill_streaks(
-            filled, volume, artifacts, streaks, method, settings, device, progress, uncertainty, metal_model
+            filled, volume, artifacts, streaks, method, settings, device, progress, uncertainty, metal_model, networks
         )
         if metal_spread is not None:
             spread = metal_spread if spread is None else np.where(streaks, metal_spread, spread)
         model_info = model_info or parameters["metal"].get("refined_by")
+    models_ran = {task: info for task, info in (("slices", slices_info), ("metal", parameters.get("metal", {}).get("refined_by"))) if info}
     result = filled.astype(np.float32, copy=False)
     np.copyto(result, volume.array, where=~holes)  # acquired voxels stay exactly as read
     if not np.all(np.isfinite(result[holes])):
@@ -119,6 +146,7 @@ def correct(
         parameters=parameters,
         seconds=time.perf_counter() - started,
         uncertainty=spread,
+        models=models_ran,
     )
 
 
@@ -133,11 +161,14 @@ def _fill_streaks(
     progress: bool,
     uncertainty: bool,
     metal_model: str | None = None,
+    networks: dict | None = None,
 ) -> tuple[dict, np.ndarray | None]:
-    """Write the metal-streak fill into ``filled``: NMAR (classical), refined by the metal model (network).
+    """Write the metal-streak fill into ``filled``: the image plus the change NMAR makes (classical),
+    refined by the metal model only when asked (``metal.refine: network``, ``--metal-model``, or a
+    given metal network) with ``--method network``.
 
-    Only the slices with streaks (plus the network's context) are touched; the metal itself is
-    never replaced.
+    Only the slices with streaks, i.e. those the metal gate let through (plus the network's
+    context, whose other voxels stay as acquired), are touched; the metal itself is never replaced.
     """
     ks = [int(k) for k in np.flatnonzero(streaks.any(axis=(0, 1)))]
     corrected = dict(artifacts.metal_corrected)
@@ -148,13 +179,15 @@ def _fill_streaks(
     for k in ks:
         inside = streaks[:, :, k]
         filled[:, :, k][inside] = corrected[k][inside]
-    parameters: dict = {"streaks": "NMAR (normalised metal artifact reduction, Meyer et al. 2010) on re-projected slices",
-                        "slices_with_streaks": ks, "halo_hu": settings.metal.halo_hu, "halo_px": settings.metal.halo_px}
-    if method == "classical":
+    parameters: dict = {"streaks": "image + FBP of the change NMAR (Meyer et al. 2010) makes in the metal trace of the re-projected slice",
+                        "slices_with_streaks": ks, "halo_hu": settings.metal.halo_hu, "halo_px": settings.metal.halo_px,
+                        "keep_high_frequencies_px": settings.metal.keep_high_frequencies_px, "gate": settings.metal.gate}
+    refine = settings.metal.refine == "network" or metal_model is not None or bool(networks and "metal" in networks)
+    if method == "classical" or not refine:
         return parameters, None
     inference = settings.inference
     torch_device = pick_device(device or inference.device)
-    net, info = load_model(metal_model or DEFAULT_METAL_MODEL, torch_device, task="metal")
+    net, info = _network("metal", metal_model or DEFAULT_METAL_MODEL, torch_device, networks)
     margin = inference.context_voxels
     k0, k1 = max(ks[0] - margin, 0), min(ks[-1] + margin + 1, volume.shape[2])
     used: dict = {}
@@ -171,3 +204,13 @@ def _fill_streaks(
         spread[:, :, k0:k1] = part_spread
     parameters |= {"refined_by": {"Name": info.name, "SHA256": info.sha256, "File": info.path.name}} | used
     return parameters, spread
+
+
+def _network(task: str, name: str | None, device: torch.device, networks: dict | None):
+    """The pre-built network for ``task`` when the caller gave one (checked to be trained for it), else the named model loaded."""
+    if not networks or task not in networks:
+        return load_model(name, device, task=task)
+    net, info = networks[task]
+    if info.task != task:
+        raise MedinpaintError(f"the network given for {task} is {info.name}, a {info.task} model")
+    return net.to(device).eval(), info

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 from skimage.metrics import structural_similarity
 
+from medinpaint.body import body_mask, body_threshold
 from medinpaint.errors import MedinpaintError
-
-
-def body_mask(reference: np.ndarray, modality: str) -> np.ndarray:
-    """Voxels inside the patient: CT above -500 HU, MR above 10% of its 99th percentile, holes filled."""
-    finite = np.nan_to_num(reference, nan=float(np.nanmin(reference)))
-    threshold = -500.0 if modality == "CT" else 0.1 * float(np.percentile(finite, 99))
-    body = finite > threshold
-    body = ndimage.binary_opening(body, iterations=1)
-    for k in range(body.shape[2]):
-        body[:, :, k] = ndimage.binary_fill_holes(body[:, :, k])
-    return body
 
 
 def masked_metrics(reference: np.ndarray, corrected: np.ndarray, mask: np.ndarray, modality: str) -> dict:
     """PSNR, SSIM and MAE over ``mask`` ∩ body; data range = the reference's range inside the body."""
     if reference.shape != corrected.shape or reference.shape != mask.shape:
         raise MedinpaintError(f"shapes differ: reference {reference.shape}, corrected {corrected.shape}, mask {mask.shape}")
-    body = body_mask(reference, modality)
+    finite = np.nan_to_num(reference, nan=float(np.nanmin(reference)))
+    # All tissue above the threshold (not only the largest blob), specks opened away, holes filled per slice.
+    body = body_mask(finite, body_threshold(finite, modality), slice_axis=2, largest_only=False, opening=True)
     region = mask.astype(bool) & body
     if not region.any():
         raise MedinpaintError("the mask has no voxels inside the body; nothing to evaluate")

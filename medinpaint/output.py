@@ -20,7 +20,7 @@ from medinpaint.data.load import ITK_SUFFIXES, NIFTI_SUFFIXES
 from medinpaint.data.save import storable_array, write_file
 from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError
-from medinpaint.provenance import build_provenance, input_sha256
+from medinpaint.provenance import build_provenance, detection_used, input_sha256, run_block
 
 SYNTHESIZED_NOTE = "medinpaint: contains synthesized voxels (see mask)"
 
@@ -185,6 +185,11 @@ def _provenance(correction: Correction, synthesized: np.ndarray, written: dict[s
         extra_files=extra,
         seconds=correction.seconds,
     )
+    provenance["Models"] = correction.models or {}  # both when slices and metal streaks were filled; "Model" is the first
+    if correction.run is not None:
+        provenance["UserMask"] = correction.run.get("mask")
+        provenance["Detection"] = detection_used(correction.run, correction.original.modality)
+        provenance["Run"] = run_block(correction.run)
     if correction.uncertainty is not None:
         holes = correction.artifacts.synthesized
         values = correction.uncertainty[holes]

@@ -67,7 +67,7 @@ def simulate_metal_volume(
     import torch
 
     from medinpaint.artifacts.labels import ArtifactKind
-    from medinpaint.artifacts.metal import check_ct
+    from medinpaint.artifacts.metal_correction import check_ct
     from medinpaint.metal.fanbeam import FanBeamGeometry
     from medinpaint.metal.masks import body_mask
     from medinpaint.metal.simulate import random_metal_volume, simulate_metal

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ from scipy import ndimage
 
 import medinpaint
 from medinpaint.artifacts.labels import ArtifactKind
+from medinpaint.config import Settings
 from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, DEFAULT_MODEL, MODELS_DIR
 from medinpaint.metal.masks import metal_halo
@@ -40,7 +42,8 @@ def test_real_hip_implant_is_found_and_only_there(abdomen):
     assert streak_slices <= metal_slices
     assert (found.labels == ArtifactKind.METAL).sum() >= 400  # the head of the implant, above 2500 HU
     assert found.bad_slices == {}
-    assert sorted(found.metal_corrected) == sorted(metal_slices)
+    assert sorted(found.metal_gate) == sorted(metal_slices)  # the gate decided every slice with metal
+    assert set(found.metal_corrected) == streak_slices  # corrected: the slices it let through, and only those
     assert not found.synthesized[found.labels == ArtifactKind.METAL].any()  # metal is kept, never synthesized
     assert not medinpaint.find_artifacts(abdomen, artifacts="slices").labels.any()
 
@@ -66,7 +69,8 @@ def test_classical_correction_reduces_the_error_and_keeps_the_rest(steel_ball):
     near = ndimage.binary_dilation(true_metal, np.ones((9, 9, 1), bool))  # blooming of a 3 mm-pixel FBP
     assert not (metal & ~near).any()  # ... and no metal claimed away from it
     halo = np.moveaxis(metal_halo(np.moveaxis(damaged.array, 2, 0), np.moveaxis(metal, 2, 0)), 0, 2)
-    assert halo.any() and streaks[halo].all()  # the re-filled rim is always in the synthesized region
+    gated_in = sorted(found.metal_corrected)
+    assert gated_in and halo[:, :, gated_in].any() and streaks[:, :, gated_in][halo[:, :, gated_in]].all()  # the re-filled rim is synthesized
     result = medinpaint.correct(damaged, found, method="classical")
     fixed = result.volume.array
     assert np.array_equal(fixed[~streaks], damaged.array[~streaks])  # metal and every other voxel as acquired
@@ -75,7 +79,9 @@ def test_classical_correction_reduces_the_error_and_keeps_the_rest(steel_ball):
     region &= ~(metal | true_metal)
     before = masked_metrics(reference.array, damaged.array, region, "CT")
     after = masked_metrics(reference.array, fixed, region, "CT")
-    assert after["rmse"] < 0.7 * before["rmse"], (before, after)
+    # change-only keeps voxels whose change is below the slice's noise as acquired: a smaller gain than
+    # the old full NMAR round trip here (0.83 of the RMSE measured, was < 0.7), without its blur elsewhere
+    assert after["rmse"] < 0.9 * before["rmse"], (before, after)
     assert result.parameters["metal"]["slices_with_streaks"]
 
 
@@ -108,12 +114,15 @@ def test_metal_simulate_and_correct_on_the_cli(cli, tmp_path, abdomen):
     code, _, err = cli("--quiet", "correct", damaged, fixed, "--artifacts", "metal", "--method", "classical")
     assert code == 0, err
     mask = medinpaint.load(tmp_path / "fixed_desc-synthesized_mask.nii.gz").array
-    assert (mask == ArtifactKind.METAL_STREAK).any() and not (mask == ArtifactKind.METAL).any()
     provenance = json.loads((tmp_path / "fixed.json").read_text())
-    assert "NMAR" in json.dumps(provenance)
-    # A slice model given as the metal model: one clear line, nothing written.
+    assert "NMAR" in json.dumps(provenance) and not (mask == ArtifactKind.METAL).any()
+    gate = provenance["ArtifactsFound"]["metal_gate"]  # a thin rod: mild streaks, which the gate may keep as acquired
+    assert gate and (mask == ArtifactKind.METAL_STREAK).any() == any(d["decision"].startswith("corrected") for d in gate.values())
+    # A slice model given as the metal model: one clear line, nothing written (gate off, so the streaks are refined).
+    force = tmp_path / "force.yaml"
+    force.write_text("metal:\n  gate: \"off\"\n")
     code, _, err = cli("--quiet", "correct", damaged, tmp_path / "wrong.nii.gz", "--artifacts", "metal",
-                       "--metal-model", DEFAULT_MODEL)
+                       "--metal-model", DEFAULT_MODEL, "--config", force)
     assert code == 2 and "not a metal-streak model" in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.glob("wrong*"))
 
@@ -130,9 +139,12 @@ def test_metal_on_mr_is_a_clear_error(cli, tmp_path):
 def test_a_chosen_metal_model_is_used_and_a_model_of_the_wrong_task_refused(steel_ball):
     _, damaged, _, _ = steel_ball
     found = medinpaint.find_artifacts(damaged, artifacts="metal")
-    default = medinpaint.correct(damaged, found)
+    assert (found.labels == ArtifactKind.METAL_STREAK).any()
+    assert "refined_by" not in medinpaint.correct(damaged, found).parameters["metal"]  # the default: change-only, no network
+    refined = Settings(metal=dataclasses.replace(Settings().metal, refine="network"))
+    by_setting = medinpaint.correct(damaged, found, settings=refined)
     as_file = medinpaint.correct(damaged, found, metal_model=str(MODELS_DIR / f"{DEFAULT_METAL_MODEL}.safetensors"))
-    assert np.array_equal(default.volume.array, as_file.volume.array)
+    assert np.array_equal(by_setting.volume.array, as_file.volume.array)
     assert as_file.parameters["metal"]["refined_by"]["File"] == f"{DEFAULT_METAL_MODEL}.safetensors"
     with pytest.raises(MedinpaintError, match="not a metal-streak model"):
         medinpaint.correct(damaged, found, metal_model=DEFAULT_MODEL)

@@ -13,11 +13,17 @@ class ArtifactKind(IntEnum):
     INVALID_VOXEL = 5  # NaN or infinite voxels outside blank slices
     METAL_STREAK = 6  # streaks around metal (filled)
     METAL = 7  # the metal itself: found, kept, never synthesized
+    RESAMPLED_SLICE = 8  # a grid position between acquired slices: interpolated from them when loaded, kept, flagged
 
     @property
     def synthesized(self) -> bool:
-        """Whether voxels of this kind are replaced by the filler."""
+        """Whether voxels of this kind are not measured ones (flagged in the synthesized mask)."""
         return self is not ArtifactKind.METAL
+
+    @property
+    def filled(self) -> bool:
+        """Whether the filler replaces voxels of this kind (resampled slices keep the loader's interpolation)."""
+        return self.synthesized and self is not ArtifactKind.RESAMPLED_SLICE
 
     @property
     def whole_slice(self) -> bool:

@@ -1,36 +1,53 @@
 """Metal and its streaks in a reconstructed CT, from the image alone (labels 7 and 6).
 
-Real scans come without raw data or a metal-free twin.  The metal is found by threshold
-(``medinpaint.metal.masks.find_metal``); each slice that holds metal is re-projected and
-corrected with NMAR, and the streak region is where the image departs from that correction.
-The NMAR slices are kept: they are the classical fill and the network's starting point.
+Real scans come without raw data or a metal-free twin. The metal is found by threshold
+(``medinpaint.metal.masks.find_metal``); for each slice holding it, the change that NMAR would
+make is computed (``metal_correction``), and a "do no harm" gate measures whether that change
+stands above the slice's own noise. Only where it does is the streak region the voxels whose
+change is significant; elsewhere the slice is kept as acquired and the provenance says so.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from tqdm import tqdm
+from scipy import ndimage
 
+from medinpaint.artifacts.metal_correction import (  # noqa: F401  check_ct, geometry_for, metal_corrections: public API
+    METHODS,
+    change_batches,
+    check_ct,
+    corrected_slice,
+    geometry_for,
+    metal_corrections,
+)
+from medinpaint.body import body_mask
 from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError
-from medinpaint.metal.fanbeam import FanBeamGeometry
-from medinpaint.metal.mar import li_mar, nmar
-from medinpaint.metal.masks import find_metal, metal_halo, streak_region
+from medinpaint.metal.evidence import noise_hu, significant_change, streak_evidence
+from medinpaint.metal.masks import find_metal
+
+KEPT = "kept as acquired, streak evidence below threshold"
+CORRECTED = "corrected, streak evidence at or above threshold"
+FORCED = "corrected, gate off"
 
 
 @dataclass(frozen=True)
 class MetalDetection:
-    """Settings for metal detection and the image-domain re-projection (see configs/inference.yaml)."""
+    """Settings for metal detection, the gate and the image-domain correction (see configs/inference.yaml)."""
 
     threshold_hu: float | None = None  # None: 2500 HU, or 2800 HU when the scan is clipped at 3071
     min_voxels: int = 3  # smaller bright specks are noise, not metal
-    streak_threshold_hu: float = 40.0  # |image - NMAR| above this (smoothed) is streak
+    streak_threshold_hu: float = 10.0  # streak region: smoothed |change| above this many HU ...
+    streak_threshold_noise: float = 1.0  # ... and above this many times the slice's noise
     halo_hu: float | None = 600.0  # the rim around metal above this HU is re-filled with it (None: the metal alone, literature LI/NMAR)
     halo_px: int = 12  # how far from the metal that rim may reach
+    gate: str = "auto"  # auto: correct a slice only when its streak evidence reaches gate_threshold; off: always correct
+    gate_threshold: float = 1.0  # streak evidence (RMS of the smoothed change around the metal / the noise) needed to correct
+    ring_mm: float = 40.0  # the evidence is measured within this distance of the metal; the noise farther away
+    keep_high_frequencies_px: float | None = None  # FSMAR-like: Gaussian sigma (pixels) low-passing the change; None = the full change
+    refine: str = "classical"  # classical: the change-only correction; network: refined by the metal model (--method network)
     views: int | str = "auto"  # re-projection views over 360 degrees; auto: as many as channels
     channels: int | str = "auto"  # detector channels; auto: ~1.44 per pixel across the field (736 for 512 x 0.98 mm)
     slices_per_batch: int = 4  # slices re-projected together (memory vs speed)
@@ -40,46 +57,28 @@ class MetalDetection:
             raise MedinpaintError(f"metal halo_hu must be a number of HU or null, not {self.halo_hu!r}")
         if isinstance(self.halo_px, bool) or not isinstance(self.halo_px, int) or self.halo_px < 1:
             raise MedinpaintError(f"metal halo_px must be an integer of at least 1, not {self.halo_px!r}")
+        if self.gate not in ("auto", "off"):
+            raise MedinpaintError(f"metal gate must be auto or off, not {self.gate!r}")
+        if self.refine not in ("classical", "network"):
+            raise MedinpaintError(f"metal refine must be classical or network, not {self.refine!r}")
+        for name in ("streak_threshold_hu", "streak_threshold_noise", "gate_threshold", "ring_mm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (name != "gate_threshold" and value == 0):
+                raise MedinpaintError(f"metal {name} must be a positive number, not {value!r}")
+        sigma = self.keep_high_frequencies_px
+        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma <= 0):
+            raise MedinpaintError(f"metal keep_high_frequencies_px must be a positive number of pixels or null, not {sigma!r}")
 
 
 @dataclass
 class MetalFinding:
-    """Metal (kept) and streak region (filled) on the volume's grid, with the corrected slices."""
+    """Metal (kept) and streak region (filled) on the volume's grid, the corrected slices and the gate's decisions."""
 
     metal: np.ndarray  # bool (i, j, k)
     streaks: np.ndarray  # bool (i, j, k)
-    corrected: dict[int, np.ndarray] = field(default_factory=dict)  # k -> classical correction (HU), slices with metal
+    corrected: dict[int, np.ndarray] = field(default_factory=dict)  # k -> change-only correction (HU), gated-in slices
     method: str = "nmar"
-
-
-def geometry_for(volume: Volume, settings: MetalDetection) -> FanBeamGeometry:
-    """A fan-beam geometry matching the scan's in-plane grid (axial slices along k).
-
-    With ``auto`` the sampling follows the pixels: a clinical 736 channels x ~720 views for a
-    512 x 512 slice of 0.98 mm, proportionally fewer for coarse grids, where more rays would
-    only cost time.
-    """
-    spacing = tuple(float(s) for s in volume.spacing[:2])
-    shape = tuple(volume.shape[:2])
-    field = FanBeamGeometry(shape, spacing).fov_diameter_mm
-    channels = settings.channels
-    if channels == "auto":
-        channels = max(64, math.ceil(1.44 * field / min(spacing)))
-    views = settings.views
-    if views == "auto":
-        views = max(64, 4 * math.ceil(channels / 4))
-    for name, value in (("views", views), ("channels", channels)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 16:
-            raise MedinpaintError(f"metal {name} must be auto or an integer of at least 16, not {value!r}")
-    return FanBeamGeometry(shape, spacing, n_views=views, n_channels=channels)
-
-
-def check_ct(volume: Volume) -> None:
-    if volume.modality != "CT":
-        raise MedinpaintError(
-            f"metal artifacts are found in CT (Hounsfield units); this volume looks like {volume.modality} "
-            "(pass --modality CT if it really is a CT)"
-        )
+    gate: dict[int, dict] = field(default_factory=dict)  # k -> decision, streak evidence, threshold, noise
 
 
 def find_metal_artifacts(
@@ -88,48 +87,52 @@ def find_metal_artifacts(
     method: str = "nmar",
     skip_slices: set[int] | frozenset[int] = frozenset(),
     progress: bool = False,
+    required: bool = False,
 ) -> MetalFinding:
-    """Metal and streak masks, plus the LI or NMAR correction of every slice holding metal."""
+    """Metal and streak masks, the change-only correction and the gate's decision for every slice holding metal.
+
+    ``required`` (``--artifacts metal``): a scan without metal is an error, not a silent no-op.
+    """
     settings = settings or MetalDetection()
     check_ct(volume)
-    if method not in ("nmar", "li"):
+    if method not in METHODS:
         raise MedinpaintError(f"unknown metal correction {method!r}; choose nmar or li")
     slices = np.moveaxis(volume.array, 2, 0)  # (k, i, j): the projector works slice by slice
     metal = find_metal(slices, settings.threshold_hu, settings.min_voxels)  # NaN is never above the threshold
     metal[sorted(skip_slices)] = False  # whole bad slices are filled as slices, not corrected
     streaks = np.zeros(slices.shape, dtype=bool)
     corrected: dict[int, np.ndarray] = {}
+    gate: dict[int, dict] = {}
     with_metal = [int(k) for k in np.flatnonzero(metal.any(axis=(1, 2)))]
+    if required and not with_metal:
+        level = "2500 HU (2800 when clipped at 3071)" if settings.threshold_hu is None else f"{settings.threshold_hu:g} HU"
+        raise MedinpaintError(f"--artifacts metal: no metal in this scan (no {settings.min_voxels} connected voxels above {level})")
     if with_metal:
         geometry = geometry_for(volume, settings)
-        for ks, image, mask, halo, fixed in _corrected_batches(slices, metal, with_metal, geometry, settings, method, progress):
-            # the halo is re-filled by the correction, so it is always part of the synthesized region
-            streaks[ks] = streak_region(image, mask, geometry, nmar_image=fixed, threshold_hu=settings.streak_threshold_hu) | halo
-            corrected.update(zip(ks, fixed.numpy()))
+        ring_px = settings.ring_mm / float(min(volume.spacing[:2]))
+        for ks, image, mask, halo, change in change_batches(slices, metal, with_metal, geometry, settings, method, progress):
+            for k, img, m, h, c in zip(ks, image, mask, halo, change):
+                decision = slice_gate(img, m, c, ring_px, settings)
+                gate[k] = decision
+                if decision["decision"] == KEPT:
+                    continue
+                threshold = max(settings.streak_threshold_hu, settings.streak_threshold_noise * decision["noise_hu"])
+                streaks[k] = significant_change(c, m, threshold) | h  # the halo is re-filled: always synthesized
+                corrected[k] = corrected_slice(img, c, m)
     return MetalFinding(
-        metal=np.moveaxis(metal, 0, 2), streaks=np.moveaxis(streaks, 0, 2), corrected=corrected, method=method
+        metal=np.moveaxis(metal, 0, 2), streaks=np.moveaxis(streaks, 0, 2), corrected=corrected, method=method, gate=gate
     )
 
 
-def metal_corrections(
-    volume: Volume, metal: np.ndarray, slices: list[int], settings: MetalDetection | None = None, method: str = "nmar"
-) -> dict[int, np.ndarray]:
-    """LI or NMAR slices for ``slices`` given a metal mask (when the mask came from a file)."""
-    settings = settings or MetalDetection()
-    check_ct(volume)
-    geometry = geometry_for(volume, settings)
-    batches = _corrected_batches(np.moveaxis(volume.array, 2, 0), np.moveaxis(metal, 2, 0), slices, geometry, settings, method)
-    return {k: s for ks, _, _, _, fixed in batches for k, s in zip(ks, fixed.numpy())}
-
-
-def _corrected_batches(slices, metal, ks_all: list[int], geometry, settings: MetalDetection, method: str, progress: bool = False):
-    """Yield (slice indices, image, metal mask, halo, LI/NMAR correction) for ``ks_all`` of (k, i, j) arrays, a few slices at a time."""
-    correct = nmar if method == "nmar" else li_mar
-    batches = [ks_all[i : i + settings.slices_per_batch] for i in range(0, len(ks_all), settings.slices_per_batch)]
-    for ks in tqdm(batches, desc="metal correction", unit="batch", disable=not progress or len(batches) < 2):
-        image = torch.from_numpy(np.nan_to_num(slices[ks], nan=-1024.0).astype(np.float32))
-        mask = torch.from_numpy(np.ascontiguousarray(metal[ks]))
-        halo = np.zeros(mask.shape, dtype=bool)
-        if settings.halo_hu is not None:
-            halo = metal_halo(image.numpy(), mask.numpy(), settings.halo_hu, settings.halo_px)
-        yield ks, image, mask, halo, correct(image, mask, geometry, trace_mask=torch.from_numpy(halo))  # the metal is always in the trace
+def slice_gate(image: np.ndarray, metal: np.ndarray, change: np.ndarray, ring_px: float, settings: MetalDetection) -> dict:
+    """The gate of one slice: its streak evidence against ``gate_threshold`` (always corrected with ``gate: off``)."""
+    body = body_mask(image) | metal
+    near = ndimage.distance_transform_edt(~metal) <= ring_px
+    noise = noise_hu(image, body, near)
+    evidence = streak_evidence(change, metal, body, noise, ring_px)
+    if settings.gate == "off":
+        decision = FORCED
+    else:
+        decision = CORRECTED if evidence >= settings.gate_threshold else KEPT
+    return {"decision": decision, "streak_evidence": round(evidence, 3), "threshold": settings.gate_threshold,
+            "noise_hu": round(noise, 2)}

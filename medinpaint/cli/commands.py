@@ -17,7 +17,8 @@ from medinpaint.data.dicom_series import list_series, summarize_series
 from medinpaint.data.load import load
 from medinpaint.data.save import write_file
 from medinpaint.errors import MedinpaintError
-from medinpaint.output import check_files, check_outputs, file_pair, save, save_mask
+from medinpaint.output import check_files, check_outputs, file_pair, output_format, save, save_mask
+from medinpaint.provenance import run_settings
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
@@ -26,10 +27,21 @@ def _say(args: argparse.Namespace, message: str) -> None:
 
 
 def _load(args: argparse.Namespace):
-    volume = load(args.input, series=args.series, modality=args.modality)
+    volume = load(args.input, series=args.series, modality=args.modality, slice_spacing=getattr(args, "slice_spacing", None))
     _say(args, f"loaded {args.input}: {volume.modality}, {'x'.join(map(str, volume.shape))} voxels, "
                f"spacing {', '.join(f'{s:.3g}' for s in volume.spacing)} mm")
+    grid = volume.slice_grid
+    if grid and (grid["resampled"] or grid["to_synthesize"] or grid["unused_slices"]):
+        _say(args, f"slice steps {grid['steps_found']}; grid {_grid_plan(grid)}")
     return volume
+
+
+def _grid_plan(grid: dict) -> str:
+    """One line: the grid a DICOM series was put on and what becomes of each position."""
+    unused = grid["unused_slices"]
+    return (f"{grid['grid_step_mm']:.4g} mm ({grid['grid_rule']}): {grid['on_grid']} acquired slices on it, "
+            f"{grid['resampled']} resampled, {grid['to_synthesize']} to synthesize"
+            + (f"; {len(unused)} acquired slices unused ({', '.join(u['file'] for u in unused)})" if unused else ""))
 
 
 def _artifacts(args: argparse.Namespace, volume, settings):
@@ -47,16 +59,43 @@ def _artifacts(args: argparse.Namespace, volume, settings):
 
 def correct(args: argparse.Namespace) -> int:
     check_outputs(args.output, args.overwrite)  # fail on a bad OUTPUT before any heavy work
+    report = None
+    if args.report:
+        from medinpaint.report import report_path
+
+        report = report_path(args.output)  # <stem>_report.html beside a file; report.html inside a DICOM folder
+        if output_format(args.output) != "dicom":
+            check_files([report], args.overwrite)
+    if args.save_adapted:
+        if not str(args.save_adapted).endswith(".safetensors"):
+            raise MedinpaintError(f"--save-adapted {args.save_adapted}: the file name must end in .safetensors")
+        check_files([Path(args.save_adapted)], args.overwrite)
+    if args.adapt is not None and args.adapt not in ("auto", "off") and not args.adapt.isdigit():
+        raise MedinpaintError(f"--adapt {args.adapt}: choose auto, off or a number of steps")
     settings = load_settings(args.config)
+    run = run_settings(method=args.method, settings=settings, output_format=output_format(args.output), model=args.model,
+                       metal_model=args.metal_model, artifacts=args.artifacts, user_mask=args.mask,
+                       uncertainty=args.uncertainty, device=args.device,
+                       slice_spacing=args.slice_spacing)  # recorded in the provenance
     volume = _load(args)
     found = _artifacts(args, volume, settings)
     if found.synthesized.any():
-        _say(args, f"filling {int(found.synthesized.sum())} voxels ({args.method})")
+        kept = int(found.synthesized.sum() - found.to_fill.sum())
+        _say(args, f"filling {int(found.to_fill.sum())} voxels ({args.method})"
+                   + (f"; {kept} resampled voxels kept as interpolated, flagged" if kept else ""))
     result = correct_volume(
         volume, found, method=args.method, model=args.model, metal_model=args.metal_model, settings=settings, device=args.device,
         progress=not getattr(args, "quiet", False), uncertainty=args.uncertainty,
+        gate=None if args.gate is None else args.gate == "on", adapt=args.adapt, save_adapted=args.save_adapted,
+        overwrite=args.overwrite,
     )
+    result.run = run
     written = save(result, args.output, overwrite=args.overwrite)
+    if report is not None:  # after the outputs, from the provenance as written
+        from medinpaint.report import write_case_report
+
+        written["report"] = write_case_report(result, report, written["provenance"], title=Path(args.output).name,
+                                              overwrite=args.overwrite)
     _say(args, f"wrote {', '.join(str(p) for p in written.values())} ({result.seconds:.1f} s)")
     return 0
 
@@ -68,6 +107,9 @@ def batch(args: argparse.Namespace) -> int:
     from medinpaint.batch import list_cases, merge_shards, parse_shard, run_batch, write_summary
     from medinpaint.report import write_index
 
+    from medinpaint.engines import check_engine
+
+    check_engine(args.engine, args.address)  # e.g. --engine ray without Ray: one line, before anything else
     settings = load_settings(args.config)
     cases = list_cases(Path(args.input))
     if not cases:
@@ -86,6 +128,7 @@ def batch(args: argparse.Namespace) -> int:
     results = run_batch(
         cases, out_dir, shard=(index, count), method=args.method, model=args.model, metal_model=args.metal_model, device=args.device,
         settings=settings, suffix=suffix, workers=args.workers, report=args.report, progress=not getattr(args, "quiet", False),
+        engine=args.engine, address=args.address, artifacts=args.artifacts, slice_spacing=args.slice_spacing,
     )
     if count > 1:
         write_summary(results, out_dir, name=f"summary-shard-{index}-of-{count}")
@@ -135,7 +178,7 @@ def info(args: argparse.Namespace) -> int:
                 for line in listing:
                     print(f"  {line}")
             return 0
-    volume = load(path, series=args.series, modality=args.modality)
+    volume = load(path, series=args.series, modality=args.modality, slice_spacing=args.slice_spacing)
     found = find_artifacts(volume)
     report = {"path": str(path)} | volume.describe() | {"problems": found.summary()}
     if args.json:
@@ -150,12 +193,18 @@ def info(args: argparse.Namespace) -> int:
     print(f"  direction   {report['direction_ras']} (RAS, columns = voxel axes)")
     if report["oblique_stack"]:
         print("  oblique     yes: gantry-tilted stack, kept oblique (sheared affine), not resampled")
+    if report.get("slice_grid"):
+        print(f"  slice steps {report['slice_grid']['steps_found']} (along the slice normal)")
+        print(f"  slice grid  {_grid_plan(report['slice_grid'])}")
     if report["intensity_range"]:
         lo, hi = report["intensity_range"]
         print(f"  intensities {lo:g} .. {hi:g}")
     problems = found.summary()
     slices = [f"slice {k}: {v}" for k, v in problems["bad_slices"].items()]
     slice_kinds = set(problems["bad_slices"].values())
+    if problems.get("resampled_slices"):
+        slice_kinds.add("resampled_slice")
+        slices.append("slices " + ", ".join(map(str, problems["resampled_slices"])) + ": resampled_slice (kept, flagged)")
     voxels = [f"{n}: {v['count']} voxels" for n, v in problems["voxels"].items() if n not in slice_kinds]
     if slices or voxels:
         print("  problems    " + ", ".join(slices + voxels))

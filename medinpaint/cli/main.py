@@ -38,6 +38,9 @@ def _add_input(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="INPUT", help="NIfTI (.nii/.nii.gz), NRRD/MHA, a DICOM series folder or an enhanced multi-frame DICOM file")
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read when a folder holds several series")
     p.add_argument("--modality", choices=("CT", "MR"), help="override the modality (NIfTI/NRRD do not record it; it is guessed from intensities)")
+    p.add_argument("--slice-spacing", metavar="MM", type=float,
+                   help="DICOM series: the slice grid's step in mm along the slice normal (default: the most common step, "
+                        "ties the smaller); slices off the grid are resampled, empty grid positions synthesized")
 
 
 def _add_detection(p: argparse.ArgumentParser) -> None:
@@ -70,11 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metal-model", metavar="NAME_OR_PATH", help="the model that refines metal streaks (default: the shipped metal model), e.g. one fine-tuned with 'medinpaint train'")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the network runs (default auto: CUDA with mixed precision when present)")
     p.add_argument("--uncertainty", action="store_true", help="also write a per-voxel uncertainty map of the fill (flip test-time augmentation)")
+    p.add_argument("--report", action="store_true", help="also write a self-contained HTML QA page: <stem>_report.html beside OUTPUT (report.html inside a DICOM folder)")
+    p.add_argument("--gate", choices=("on", "off"), help="on (default, settings gate.enabled): write the network's missing slices only where this "
+                   "scan's own left-out slices show it beats the best classical fill (linear, cubic, registered); off: always the network")
+    p.add_argument("--adapt", metavar="auto|off|STEPS", help="fine-tune a copy of the slice model on this scan's acquired slices "
+                   "before filling (default: settings adapt.steps, off); auto picks the steps by device, bounded by adapt.seconds")
+    p.add_argument("--save-adapted", metavar="PATH", help="also write the adapted model to PATH (.safetensors, readable by --model); "
+                   "otherwise it never leaves memory")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(handler=commands.correct)
 
     p = sub.add_parser("mask", parents=[common], help="write the labelled artifact mask without correcting",
-                       description="Write the artifact labels (1 missing, 2 blank, 3 corrupt slice, 4 user mask, 5 invalid voxel) "
+                       description="Write the artifact labels (1 missing, 2 blank, 3 corrupt slice, 4 user mask, 5 invalid voxel, "
+                       "6 metal streak, 7 metal, 8 resampled slice) "
                        "on the input's grid, plus a JSON summary beside it.")
     _add_input(p)
     p.add_argument("output", metavar="OUTPUT", help="mask file (.nii.gz, .nii, .nrrd, .mha)")
@@ -85,20 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch", parents=[common], help="correct every case in a folder or CSV manifest (resumable, shardable)",
                        description="Correct every volume file and DICOM series found under INPUT (recursively), or listed in a "
                        "CSV manifest (columns: path, optional id and series). Finished cases (complete outputs whose provenance "
-                       "matches the input's SHA-256) are skipped, so a killed run resumes where it stopped. Failing cases are "
+                       "matches the input's SHA-256 and this run's settings: method, models, detection, inference, format) "
+                       "are skipped, so a killed run resumes where it stopped; a case made with other settings is redone and "
+                       "the summary's reason says why. Failing cases are "
                        "recorded and the rest go on. Writes OUTPUT_DIR/summary.csv and summary.json; exit status 3 when any case "
                        "failed. Split over a job array with --shard I/N; under torchrun each rank takes its own shard.")
     p.add_argument("input", metavar="INPUT", help="folder of scans, or a .csv manifest")
     p.add_argument("output", metavar="OUTPUT_DIR", help="folder for the corrected cases (created if needed)")
     p.add_argument("--format", default="nii.gz", choices=("nii.gz", "nii", "nrrd", "mha", "dicom"), help="output format per case (default nii.gz)")
+    p.add_argument("--artifacts", default="auto", choices=("auto", "slices", "metal", "none"),
+                   help="what to look for in each case (default: auto = broken slices in every scan, metal in CTs)")
+    p.add_argument("--slice-spacing", metavar="MM", type=float,
+                   help="DICOM series: the slice grid's step in mm (default: each series' most common step; other formats keep their grid); see 'correct --help'")
     p.add_argument("--method", default="network", choices=("network", "classical"), help="fill method (default network)")
     p.add_argument("--model", metavar="NAME_OR_PATH", help="the model for missing slices and holes: a shipped name or a .safetensors file")
     p.add_argument("--metal-model", metavar="NAME_OR_PATH", help="the model that refines metal streaks (default: the shipped metal model)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the network runs (default auto)")
     p.add_argument("--config", metavar="YAML", help="settings file (see configs/inference.yaml)")
     p.add_argument("--shard", metavar="I/N", help="process only cases I, I+N, I+2N, ... (0-based); default: the torchrun rank, else all")
-    p.add_argument("--workers", type=int, default=2, help="threads loading the next cases while one is filled (default 2)")
-    p.add_argument("--report", action="store_true", help="write a QA picture per case and report/index.html")
+    p.add_argument("--workers", type=int, default=2, help="local: threads loading the next cases while one is filled; ray: worker processes (default 2)")
+    p.add_argument("--report", action="store_true", help="write a self-contained HTML QA page per finished case (report/CASE.html) and report/index.html")
+    p.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local: this process (default); ray: a pool of Ray workers (pip install 'medinpaint[ray]')")
+    p.add_argument("--address", metavar="ADDR", help="with --engine ray: the cluster to join (e.g. auto, or HOST:6379); default: a local Ray")
     p.set_defaults(handler=commands.batch)
 
     p = sub.add_parser("info", parents=[common], help="geometry, modality, series and problems found")

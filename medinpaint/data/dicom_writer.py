@@ -2,9 +2,13 @@
 
 The derived series keeps patient, study and frame of reference, gets new Series and
 SOP Instance UIDs, ImageType DERIVED\\SECONDARY, a DerivationDescription and a
-SourceImageSequence pointing at each original slice.  Slices that had no acquisition
-(placeholders) reference nothing and say so in ImageComments.  The SEG is built by
-highdicom, which validates it on construction.
+SourceImageSequence pointing at each original slice (with its frame number when the source
+is a multi-frame file).  Slices that had no acquisition (placeholders) reference nothing and
+say so in ImageComments.  Slices without a file of their own (placeholders, and grid slices
+resampled between irregularly spaced ones) copy the header of the nearest acquired slice, so
+they get their own position attributes: its position, slice location and acquisition time are
+not theirs.
+The SEG is built by highdicom, which validates it on construction.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import DSfloat
 
 from medinpaint import __version__
 from medinpaint.artifacts.labels import LABEL_NAMES
@@ -34,6 +39,10 @@ _PER_INSTANCE = (
     "NumberOfFrames", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
     "SourceImageSequence", "ReferencedImageSequence", "DerivationCodeSequence", "IconImageSequence",
 )
+# Patient-space points of the acquired slice that move with the slice (CT Image module).
+_SLICE_POINTS = ("DataCollectionCenterPatient", "ReconstructionTargetCenterPatient")
+# When the slice was acquired: a slice without a file of its own drops its neighbour's.
+_ACQUISITION_TIMES = ("AcquisitionTime", "AcquisitionDateTime", "TriggerTime")
 
 
 def _template(volume: Volume, k: int) -> Dataset | None:
@@ -90,6 +99,52 @@ def _ensure_patient_and_study(ds: Dataset) -> None:
             setattr(ds, keyword, value)
 
 
+def _ds(values) -> list[DSfloat]:
+    """Decimal strings of at most 16 characters (a longer DS is invalid DICOM)."""
+    return [DSfloat(float(v), auto_format=True) for v in values]
+
+
+def _slice_location_step(sources: tuple, step: np.ndarray, normal: np.ndarray) -> float:
+    """SliceLocation change per k, as the source's first and last acquired slices have it.
+
+    Vendors differ (a tilted GE stack steps it along the table, 4.22 mm for 4 mm slices at
+    18.5 degrees; others along the slice normal), so it is taken from the source when it can be.
+    """
+    acquired = [(k, f) for k, f in enumerate(sources) if f is not None]
+    if len(acquired) > 1 and acquired[0][1] != acquired[-1][1]:  # two classic files, not one multi-frame
+        try:
+            first, last = (float(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SliceLocation"]).SliceLocation)
+                           for _, f in (acquired[0], acquired[-1]))
+            return (last - first) / (acquired[-1][0] - acquired[0][0])
+        except (AttributeError, TypeError, ValueError):  # absent or empty in the source
+            pass
+    return float(np.dot(step, normal))
+
+
+def _place_slice(ds: Dataset, position: np.ndarray, step: np.ndarray, location_step: float, normal: np.ndarray,
+                 moved: bool) -> None:
+    """Set the position attributes of the slice at ``position`` (LPS mm; ``step``: one k).
+
+    ``moved``: the header was copied from another slice (the nearest acquired one), so its
+    SliceLocation moves by ``location_step`` per k and its patient-space centres by the shift
+    between the two positions.  Without a SliceLocation to move, it is the position along the normal.
+    """
+    shift = position - np.array([float(v) for v in ds.ImagePositionPatient]) if "ImagePositionPatient" in ds else None
+    if moved and shift is not None:
+        if ds.get("SliceLocation") not in (None, ""):
+            ks = float(np.dot(shift, step) / np.dot(step, step))  # k steps from the copied slice
+            ds.SliceLocation = _ds([float(ds.SliceLocation) + ks * location_step])[0]
+        for keyword in _SLICE_POINTS:
+            if keyword in ds and len(ds[keyword].value) == 3:
+                ds[keyword].value = _ds(np.array([float(v) for v in ds[keyword].value]) + shift)
+        for keyword in _ACQUISITION_TIMES:
+            if keyword in ds:
+                delattr(ds, keyword)
+    if "SliceLocation" not in ds:
+        ds.SliceLocation = _ds([float(np.dot(position, normal))])[0]
+    ds.ImagePositionPatient = _ds(position)
+
+
 def _pixel_encoding(template: Dataset | None, values: np.ndarray) -> tuple[float, float, bool, int]:
     """(slope, intercept, signed, bits): keep the original encoding when there is one."""
     if template is not None and "BitsAllocated" in template and int(template.BitsAllocated) == 16:
@@ -116,7 +171,10 @@ def write_dicom_series(
     spacing = volume.spacing
     row_dir = lps[:3, 0] / spacing[0]
     col_dir = lps[:3, 1] / spacing[1]
+    normal = np.cross(row_dir, col_dir)
     sources = volume.source.slice_files if volume.source and volume.source.format == "dicom" else ()
+    frames = volume.source.slice_frames if sources else ()
+    location_step = _slice_location_step(sources, lps[:3, 2], normal)
     placeholders = set(volume.placeholder_slices)
     now = datetime.now()
     # Inputs without a DICOM header get one new study and frame of reference for the whole series.
@@ -158,18 +216,19 @@ def write_dicom_series(
         ds.SeriesDate, ds.SeriesTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
         ds.ContentDate, ds.ContentTime = ds.SeriesDate, ds.SeriesTime
         ds.SoftwareVersions = f"medinpaint {__version__}"
-        ds.ImagePositionPatient = [float(v) for v in lps[:3, 3] + k * lps[:3, 2]]
-        ds.ImageOrientationPatient = [float(v) for v in np.concatenate([row_dir, col_dir])]
-        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]
+        _place_slice(ds, lps[:3, 3] + k * lps[:3, 2], lps[:3, 2], location_step, normal,
+                     moved=template is not None and sources[k] is None)
+        ds.ImageOrientationPatient = _ds(np.concatenate([row_dir, col_dir]))
+        ds.PixelSpacing = _ds([spacing[1], spacing[0]])
         if "SliceThickness" not in ds:
-            ds.SliceThickness = float(abs(np.dot(lps[:3, 2], np.cross(row_dir, col_dir))))
+            ds.SliceThickness = _ds([abs(np.dot(lps[:3, 2], normal))])[0]
         ds.Rows, ds.Columns = int(values.shape[0]), int(values.shape[1])
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
         ds.PixelRepresentation = int(signed)
         ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", f"{intercept:.10g}"
         ds.RescaleType = "HU" if ds.get("Modality") == "CT" else "US"
-        n_synth = int(synthesized[:, :, k].sum())
+        n_synth = int((synthesized[:, :, k] > 0).sum())  # labels, not 0/1: count the voxels
         if k in placeholders:
             ds.ImageComments = "medinpaint: slice absent from the acquisition; every voxel is synthesized"
         elif n_synth:
@@ -181,6 +240,8 @@ def write_dicom_series(
             ref = Dataset()
             ref.ReferencedSOPClassUID = original_ds.get("SOPClassUID") or ds.SOPClassUID
             ref.ReferencedSOPInstanceUID = original_ds.SOPInstanceUID
+            if k < len(frames) and frames[k] is not None:  # a frame of a multi-frame file: say which (1-based)
+                ref.ReferencedFrameNumber = int(frames[k]) + 1
             ds.SourceImageSequence = Sequence([ref])
         ds.add_new(0x7FE00010, "OW", stored.tobytes())  # explicit VR: templates read as implicit VR leave it ambiguous
         ds.file_meta = FileMetaDataset()

@@ -33,18 +33,22 @@ def format_of(path: Path) -> str:
     )
 
 
-def load(path: str | Path, series: str | None = None, modality: str | None = None) -> Volume:
+def load(path: str | Path, series: str | None = None, modality: str | None = None,
+         slice_spacing: float | None = None) -> Volume:
     """Read a 3D volume with its exact geometry; raise MedinpaintError on anything unusable.
 
     ``series`` picks one SeriesInstanceUID in a folder holding several.  ``modality``
-    ("CT"/"MR") overrides a guess for formats that do not record it.
+    ("CT"/"MR") overrides a guess for formats that do not record it.  ``slice_spacing`` (mm)
+    sets the slice grid of a DICOM series instead of its most common step (see dicom_series).
     """
     path = Path(path)
     if not path.exists():
         raise MedinpaintError(f"{path}: no such file or folder")
     fmt = format_of(path)
+    if slice_spacing is not None and fmt != "dicom":
+        raise MedinpaintError(f"{path}: --slice-spacing applies to DICOM series; a {fmt.upper()} file already holds a regular grid")
     if fmt == "dicom":
-        volume = read_dicom(path, series)
+        volume = read_dicom(path, series, slice_spacing)
     elif fmt == "nifti":
         volume = _read_nifti(path)
     else:
@@ -85,6 +89,8 @@ def _read_nifti(path: Path) -> Volume:
         array = np.asanyarray(image.dataobj)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError) as exc:
         raise MedinpaintError(f"{path}: cannot read NIfTI ({exc})") from None
+    if array.dtype.fields or np.iscomplexobj(array):  # RGB24/RGBA32 or complex: no single intensity per voxel
+        raise MedinpaintError(f"{path}: an RGB (colour) or complex NIfTI image ({array.dtype}); medinpaint needs a scalar volume")
     array = _squeeze_to_3d(array, path)
     header = image.header
     stored = str(header.get_data_dtype())

@@ -32,6 +32,9 @@ class Source:
     slice_files: tuple[Path | None, ...] = ()
     slice_frames: tuple[int | None, ...] = ()
     description: str = ""
+    # DICOM only: every file of the series in slice-position order, including those that were
+    # only interpolated from or not used (irregular spacing), so the input's hash covers them all.
+    input_files: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -45,6 +48,12 @@ class Volume:
     # k-indices of slices that were absent from the acquisition and inserted as
     # placeholders on the regular grid; they hold no measured data.
     placeholder_slices: tuple[int, ...] = field(default_factory=tuple)
+    # k-indices of grid positions that lie between acquired slices (irregular spacing) and hold
+    # values interpolated from them at load time: not measured, flagged ``resampled_slice``.
+    resampled_slices: tuple[int, ...] = field(default_factory=tuple)
+    # How a DICOM series' slice positions were put on the grid (steps found, grid step, plan);
+    # None for formats that store a regular grid themselves.
+    slice_grid: dict | None = None
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
@@ -87,7 +96,7 @@ class Volume:
     def slab(self, start: int, stop: int) -> "Volume":
         """Slices ``start..stop-1`` as a volume of their own: the origin moves, nothing else changes.
 
-        A new, standalone scan (no source, no placeholders): for simulation and training pairs.
+        A new, standalone scan (no source, no placeholders or resampled slices): for simulation and training pairs.
         """
         if not 0 <= start < stop <= self.shape[2]:
             raise MedinpaintError(f"slab {start}:{stop} is outside the {self.shape[2]} slices")
@@ -113,6 +122,8 @@ class Volume:
             "format": self.source.format if self.source else None,
             "series_uid": self.source.series_uid if self.source else None,
             "placeholder_slices": list(self.placeholder_slices),
+            "resampled_slices": list(self.resampled_slices),
+            "slice_grid": self.slice_grid,
         }
 
 

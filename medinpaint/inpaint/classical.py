@@ -40,14 +40,27 @@ def interpolate_slices(array: np.ndarray, bad_slices: list[int], order: str = "l
     if order == "auto":
         order = choose_slice_order(array, valid)
     for k in sorted(bad):
-        below = [v for v in valid if v < k][-2:]
-        above = [v for v in valid if v > k][:2]
-        if not below or not above:
-            out[:, :, k] = array[:, :, (below[-1] if below else above[0])]
-            continue
-        points = below + above if order == "cubic" and len(below) == 2 and len(above) == 2 else [below[-1], above[0]]
-        out[:, :, k] = _lagrange_at(points, k, lambda p: array[:, :, p])
+        points = interpolation_points(valid, k, order)
+        out[:, :, k] = array[:, :, points[0]] if len(points) == 1 else _lagrange_at(points, k, lambda p: array[:, :, p])
     return out
+
+
+def interpolation_points(valid: list[int], k: int, order: str) -> list[int]:
+    """The acquired slices slice ``k`` is interpolated from: the nearest one on each side (linear), two
+    on each side (cubic, when both sides have two), or the single nearest where one side has none."""
+    below, above = valid_neighbours(valid, k, 2)
+    if not below or not above:
+        return [below[-1] if below else above[0]]
+    return below + above if order == "cubic" and len(below) == 2 and len(above) == 2 else [below[-1], above[0]]
+
+
+def valid_neighbours(valid: list[int], k: int, count: int = 1) -> tuple[list[int], list[int]]:
+    """Up to ``count`` slices of ``valid`` below ``k`` (nearest last) and above it (nearest first).
+
+    The one search for a gap's acquired neighbours: interpolation, registration and the
+    network's crop all read the same slices.
+    """
+    return [v for v in valid if v < k][-count:], [v for v in valid if v > k][:count]
 
 
 def _lagrange_at(points: list[int], at: int, plane: Callable[[int], np.ndarray]) -> np.ndarray:
@@ -79,7 +92,6 @@ def choose_slice_order(
     returns the slab of slices at a k-range as the caller wants them compared (for example
     normalised); by default the slab of ``array`` itself.
     """
-    read = read or (lambda ks: array[:, :, ks])
     # Each pick is left out and predicted from its nearest acquired neighbours, exactly as
     # interpolate_slices would fill it, so sparse patterns (every 4th slice missing, runs of
     # 3 every 6) are judged on the gaps they really leave.
@@ -87,14 +99,47 @@ def choose_slice_order(
     if not positions:
         return "linear"
     picks = [positions[i] for i in np.linspace(0, len(positions) - 1, min(samples, len(positions))).astype(int)]
-    err_linear = err_cubic = 0.0
+    errors = {"linear": 0.0, "cubic": 0.0}
     for i in picks:
-        k, points = valid[i], valid[i - 2 : i] + valid[i + 1 : i + 3]
-        plane = {p: np.nan_to_num(read(slice(p, p + 1))[:, :, 0].astype(np.float64)) for p in points + [k]}
-        linear, cubic = _lagrange_at(points[1:3], k, plane.__getitem__), _lagrange_at(points, k, plane.__getitem__)
-        err_linear += float(np.mean((linear - plane[k]) ** 2))
-        err_cubic += float(np.mean((cubic - plane[k]) ** 2))
-    return "cubic" if err_cubic < err_linear else "linear"
+        truth, predicted = left_out(array, valid, valid[i : i + 1], tuple(errors), read)
+        for order in errors:
+            errors[order] += float(np.mean((predicted[order] - truth) ** 2))
+    return "cubic" if errors["cubic"] < errors["linear"] else "linear"
+
+
+def left_out(
+    array: np.ndarray,
+    valid: list[int],
+    hidden: list[int],
+    orders: tuple[str, ...] = ("linear", "cubic"),
+    read: Callable[[slice], np.ndarray] | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Acquired slices ``hidden`` (a subset of ``valid``) left out and predicted from the acquired
+    slices that remain, exactly as ``interpolate_slices`` would fill that gap.
+
+    The one leave-out helper: it judges the network's pre-fill (``choose_slice_order``) and the
+    classical fills of the gate (``gate.py``).  Returns the truth and each order's prediction as
+    float64 (X, Y, len(hidden)) slabs; ``read`` returns the slab of slices at a k-range as the
+    caller wants them compared (e.g. normalised).
+    """
+    read = read or (lambda ks: array[:, :, ks])
+    remaining = [v for v in valid if v not in set(hidden)]
+    if not remaining:
+        raise MedinpaintError("every acquired slice is left out; nothing to predict from")
+    needed = {order: [interpolation_points(remaining, k, order) for k in hidden] for order in orders}
+    cache: dict[int, np.ndarray] = {}
+
+    def plane(p: int) -> np.ndarray:
+        if p not in cache:
+            cache[p] = np.nan_to_num(read(slice(p, p + 1))[:, :, 0].astype(np.float64))
+        return cache[p]
+
+    truth = np.stack([plane(k) for k in hidden], axis=-1)
+    predicted = {
+        order: np.stack([plane(pts[0]) if len(pts) == 1 else _lagrange_at(pts, k, plane) for k, pts in zip(hidden, needed[order])], axis=-1)
+        for order in orders
+    }
+    return truth, predicted
 
 
 def harmonic_fill(array: np.ndarray, mask: np.ndarray, iterations: int = 300) -> np.ndarray:

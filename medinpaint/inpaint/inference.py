@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 
 
 def pick_device(name: str) -> torch.device:
+    """The torch device for ``auto``/``cpu``/``cuda`` (inference and training alike); a clear error for the impossible."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise MedinpaintError("--device cuda asked for, but no CUDA device is available (use --device auto or cpu)")
+        raise MedinpaintError("device cuda asked for (--device or the device setting), but no CUDA device is available; use auto or cpu")
     if name not in ("cpu", "cuda"):
         raise MedinpaintError(f"unknown device {name!r}; choose auto, cpu or cuda")
     return torch.device(name)

@@ -5,7 +5,6 @@ Loading never unpickles anything; a model is identified in provenance by its SHA
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from medinpaint.errors import MedinpaintError
+from medinpaint.hashing import sha256_file
 from medinpaint.inpaint.network import InpaintingUNet
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -54,14 +54,6 @@ class ModelInfo:
         return {"name": self.name, "file": str(self.path), "sha256": self.sha256, **self.metadata}
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resolve(name_or_path: str | None) -> Path:
     name_or_path = name_or_path or DEFAULT_MODEL
     candidate = Path(name_or_path)
@@ -86,7 +78,7 @@ def read_info(path: Path) -> ModelInfo:
         raise MedinpaintError(f"{path}: no medinpaint architecture in the safetensors metadata")
     features = tuple(json.loads(meta.pop("features")))
     extra = {k: _maybe_json(v) for k, v in meta.items()}
-    return ModelInfo(name=path.stem, path=path, sha256=sha256_of(path), features=features, metadata=extra)
+    return ModelInfo(name=path.stem, path=path, sha256=sha256_file(path), features=features, metadata=extra)
 
 
 def _maybe_json(value: str):

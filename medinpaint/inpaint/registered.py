@@ -15,6 +15,8 @@ import SimpleITK as sitk
 from scipy.ndimage import map_coordinates
 from tqdm import tqdm
 
+from medinpaint.inpaint.classical import valid_neighbours
+
 ITERATIONS = 100  # demons iterations per pyramid level
 SMOOTHING = 3.0  # Gaussian smoothing of the displacement field, in pixels of the level
 LEVELS = (4, 2, 1)  # pyramid shrink factors, coarse to fine
@@ -30,8 +32,7 @@ def registered_slices(array: np.ndarray, bad_slices: list[int], progress: bool =
     valid = [k for k in range(array.shape[2]) if k not in bad]
     gaps: dict[tuple[int | None, int | None], list[int]] = {}
     for k in sorted(bad):
-        below = [v for v in valid if v < k]
-        above = [v for v in valid if v > k]
+        below, above = valid_neighbours(valid, k)
         gaps.setdefault((below[-1] if below else None, above[0] if above else None), []).append(k)
     filled = {}
     for (k0, k1), ks in tqdm(gaps.items(), desc="registering slices", unit="gap", disable=not progress or len(gaps) < 2):

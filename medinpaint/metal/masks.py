@@ -10,25 +10,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from medinpaint.body import body_mask  # noqa: F401  per (B, H, W) slice: the largest blob, holes filled
 from medinpaint.metal.fanbeam import FanBeamGeometry
 
 CLIP_HU = 3071.0  # top of the 12-bit DICOM range many scanners write
-
-
-def body_mask(hu_slices, threshold_hu: float = -500.0) -> np.ndarray:
-    """Per slice: the largest connected component above ``threshold_hu`` with its holes filled."""
-    hu = np.asarray(torch.as_tensor(hu_slices).cpu().numpy() if torch.is_tensor(hu_slices) else hu_slices)
-    squeeze = hu.ndim == 2
-    hu = hu[None] if squeeze else hu
-    if hu.ndim != 3:
-        raise ValueError(f"hu_slices must be (H, W) or (B, H, W), got shape {hu.shape}")
-    out = np.zeros(hu.shape, dtype=bool)
-    for i, s in enumerate(hu):
-        lab, n = ndimage.label(s > threshold_hu)
-        if n:
-            sizes = ndimage.sum(np.ones_like(lab), lab, range(1, n + 1))
-            out[i] = ndimage.binary_fill_holes(lab == 1 + int(np.argmax(sizes)))
-    return out[0] if squeeze else out
 
 
 def drop_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:

@@ -39,6 +39,7 @@ from medinpaint.data.find import find_cases
 from medinpaint.data.load import load
 from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.classical import SLICE_ORDERS
+from medinpaint.inpaint.inference import pick_device
 from medinpaint.inpaint.models import load_model, save_model
 from medinpaint.inpaint.network import InpaintingUNet
 from medinpaint.inpaint.normalize import Normalizer
@@ -186,14 +187,6 @@ def masked_mse(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
     return ((out - target) ** 2 * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MedinpaintError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
 def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
     """Train; return the path of the best exported model (safetensors)."""
     if settings.slice_prefill not in SLICE_ORDERS:
@@ -211,7 +204,7 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
         raise MedinpaintError(f"loss weights must be >= 0 with l1_weight or l2_weight above 0, got {weights}")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     rank = int(os.environ.get("RANK", "0"))
-    device = _pick_device(settings.device)
+    device = pick_device(settings.device)
     if world > 1:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device.type == "cuda":

@@ -1,0 +1,157 @@
+"""The metal gate and change-only correction: mild metal is kept as acquired, the rest stays bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import medinpaint
+from medinpaint.artifacts.labels import ArtifactKind
+from medinpaint.artifacts.metal import KEPT, MetalDetection
+from medinpaint.data.save import write_file
+from medinpaint.errors import MedinpaintError
+from medinpaint.metal.evidence import noise_hu, significant_change, streak_evidence
+from medinpaint.metal.fanbeam import FanBeamGeometry
+from medinpaint.metal.mar import mar_change, nmar
+from medinpaint.metrics import masked_metrics
+from medinpaint.simulate import simulate_metal_volume
+
+from conftest import shared
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def abdomen():
+    return medinpaint.load(shared("ct_abdomen_3mm.nii.gz"))
+
+
+@pytest.fixture(scope="module")
+def mild(abdomen):
+    """A thin rod (mild streaks) re-scanned into 3 slices of the real CT (240 views: fast)."""
+    damaged, labels, reference = simulate_metal_volume(abdomen.slab(44, 47), seed=5, kind="rod", views=240, channels=240)
+    return damaged, labels, reference
+
+
+@pytest.fixture(scope="module")
+def strong(abdomen):
+    """A steel screw lying in-plane (strong streaks) in 12 slices of the real CT."""
+    damaged, labels, reference = simulate_metal_volume(abdomen.slab(40, 52), seed=2, kind="screw", views=240, channels=240)
+    return damaged, labels, reference
+
+
+def test_mild_metal_is_kept_as_acquired_and_the_provenance_says_so(cli, tmp_path, mild):
+    damaged, labels, _ = mild
+    assert (labels == ArtifactKind.METAL).any()
+    found = medinpaint.find_artifacts(damaged, artifacts="metal")
+    assert (found.labels == ArtifactKind.METAL).any() and not (found.labels == ArtifactKind.METAL_STREAK).any()
+    assert found.metal_gate and all(g["decision"] == KEPT for g in found.metal_gate.values())
+    assert all(g["streak_evidence"] < g["threshold"] and g["noise_hu"] > 0 for g in found.metal_gate.values())
+    assert np.array_equal(medinpaint.correct(damaged, found).volume.array, damaged.array)  # bit for bit
+
+    path = tmp_path / "mild.nii.gz"
+    write_file(damaged, path, "nifti", "float32")
+    code, _, err = cli("--quiet", "correct", path, tmp_path / "out.nii.gz", "--artifacts", "metal")
+    assert code == 0, err
+    assert np.array_equal(medinpaint.load(tmp_path / "out.nii.gz").array, medinpaint.load(path).array)
+    gate = json.loads((tmp_path / "out.json").read_text())["ArtifactsFound"]["metal_gate"]
+    assert sorted(int(k) for k in gate) == sorted(found.metal_gate)
+    for decision in gate.values():
+        assert decision["decision"] == "kept as acquired, streak evidence below threshold"
+        assert decision["streak_evidence"] < decision["threshold"] == MetalDetection().gate_threshold
+
+    # gate: off (a documented setting) forces the correction of the same slices
+    config = tmp_path / "force.yaml"
+    config.write_text(yaml.safe_dump({"metal": {"gate": "off"}}))
+    code, _, err = cli("--quiet", "correct", path, tmp_path / "forced.nii.gz", "--artifacts", "metal", "--config", config)
+    assert code == 0, err
+    forced = json.loads((tmp_path / "forced.json").read_text())["ArtifactsFound"]["metal_gate"]
+    assert {d["decision"] for d in forced.values()} == {"corrected, gate off"}
+    assert (medinpaint.load(tmp_path / "forced_desc-synthesized_mask.nii.gz").array == ArtifactKind.METAL_STREAK).any()
+
+
+def test_strong_metal_is_corrected_only_where_the_change_is_significant(strong):
+    damaged, labels, reference = strong
+    found = medinpaint.find_artifacts(damaged, artifacts="metal")
+    corrected_slices = [k for k, g in found.metal_gate.items() if g["decision"].startswith("corrected")]
+    assert corrected_slices, found.metal_gate
+    streaks = found.labels == ArtifactKind.METAL_STREAK
+    fixed = medinpaint.correct(damaged, found, method="classical").volume.array
+    assert np.array_equal(fixed[~streaks], damaged.array[~streaks])  # beyond the streak region: bit-identical
+    for k in corrected_slices:
+        region = streaks[:, :, k]
+        body = damaged.array[:, :, k] > -500
+        assert 0 < region[body].mean() < 0.6  # a local region, not the whole slice
+        # outside the region the change is below the threshold the region was cut at
+        change = found.metal_corrected[k] - damaged.array[:, :, k]
+        threshold = max(MetalDetection().streak_threshold_hu, found.metal_gate[k]["noise_hu"])
+        assert np.abs(change[~region & body]).mean() < threshold
+    scored = np.zeros(labels.shape, bool)
+    scored[:, :, corrected_slices] = True
+    scored &= ~((labels == ArtifactKind.METAL) | (found.labels == ArtifactKind.METAL))
+    before = masked_metrics(reference.array, damaged.array, scored, "CT")
+    after = masked_metrics(reference.array, fixed, scored, "CT")
+    assert after["rmse"] < 0.8 * before["rmse"], (before, after)
+
+
+def test_change_only_is_zero_where_nmar_changes_nothing():
+    """No metal trace to re-fill, no change: image + change is the image (no round-trip blur)."""
+    g = FanBeamGeometry((64, 64), 4.0, n_views=96, n_channels=96)
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.normal(40, 20, (64, 64)).astype(np.float32))
+    metal = torch.zeros(64, 64, dtype=torch.bool)
+    metal[30:32, 30:32] = True
+    change = mar_change(image, metal, g)
+    assert change.shape == image.shape and not change[metal].any()
+    full = nmar(image, metal, g)
+    assert (change + image - full).abs().mean() > 1  # the full round trip differs everywhere; the change does not carry it
+    assert np.abs(change.numpy()).mean() < np.abs((full - image).numpy()).mean()
+
+
+def test_evidence_measures_streaks_against_the_noise():
+    rng = np.random.default_rng(1)
+    image = rng.normal(0, 10, (96, 96))
+    body = np.ones((96, 96), bool)
+    metal = np.zeros((96, 96), bool)
+    metal[46:50, 46:50] = True
+    near = np.hypot(*np.mgrid[-48:48, -48:48]) < 30
+    noise = noise_hu(image, body, near)
+    assert 6 < noise < 10 and noise_hu(3 * image, body, near) == pytest.approx(3 * noise)  # a 1-px high-pass keeps most white noise
+    streak = np.zeros((96, 96))
+    streak[47:49, :] = -200  # a dark band through the metal
+    quiet = streak_evidence(rng.normal(0, 10, (96, 96)), metal, body, 10.0, 30)
+    loud = streak_evidence(streak, metal, body, 10.0, 30)
+    assert quiet < 0.6 < 2 < loud
+    region = significant_change(streak, metal, 20.0)
+    assert region[47:49, 5:40].all() and region[47:49, 56:90].all() and not region[:40].any() and not region[metal].any()
+
+
+def test_bad_metal_input_is_one_clear_line(cli, tmp_path, abdomen, mild):
+    damaged, _, _ = mild
+    scan = tmp_path / "metal.nii.gz"
+    write_file(damaged, scan, "nifti", "float32")
+    other = tmp_path / "other.nii.gz"
+    write_file(abdomen.slab(0, 4), other, "nifti", "int16")  # another shape
+    code, _, err = cli("--quiet", "correct", scan, tmp_path / "a.nii.gz", "--artifacts", "metal", "--mask", other)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "does not match" in err, err
+    clean = tmp_path / "clean.nii.gz"
+    write_file(abdomen.slab(60, 64), clean, "nifti", "int16")  # the upper abdomen: no metal
+    code, _, err = cli("--quiet", "correct", clean, tmp_path / "b.nii.gz", "--artifacts", "metal")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no metal" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.nii.gz", "metal.nii.gz", "other.nii.gz"]
+
+
+def test_gate_settings_are_checked():
+    for bad in ({"gate": "maybe"}, {"refine": "magic"}, {"gate_threshold": -1}, {"keep_high_frequencies_px": 0}):
+        with pytest.raises(MedinpaintError, match="metal"):
+            MetalDetection(**bad)
