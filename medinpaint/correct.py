@@ -111,6 +111,10 @@ def correct(
                     save_adapted_to=save_adapted, overwrite=overwrite, progress=progress,
                     flip_axes=(0, 1) if uncertainty else (), run_info=used,
                 )
+                choice = parameters["slice_gate"]["choice"]
+                if choice not in ("network", "adapted network"):  # the model ran for the gate's scores; say what it wrote
+                    slices_info["WrittenFor"] = ("other holes only; missing slices: " + choice if "other_holes" in parameters["slice_gate"]
+                                                 else f"nothing: scored by the slice gate, which wrote {choice}")
             else:
                 if save_adapted:
                     raise MedinpaintError("--save-adapted: no adaptation runs without whole missing slices")

@@ -15,7 +15,7 @@ import medinpaint
 from medinpaint.data.save import write_file
 from medinpaint.data.volume import affine_from_itk
 from medinpaint.artifacts.labels import ArtifactKind
-from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, DEFAULT_MODEL
+from medinpaint.inpaint.models import DEFAULT_MODEL
 
 from conftest import blank_slices, files_under, shared
 
@@ -71,7 +71,7 @@ def test_classical_file_outputs_account_for_every_change(cli, tmp_path, damaged_
 def test_network_fill_beats_nothing_and_keeps_acquired_voxels(cli, tmp_path, damaged_ct):
     path, ks, clean = damaged_ct
     out = tmp_path / "fixed.nii.gz"
-    code, _, err = cli("--quiet", "correct", path, out, "--uncertainty")
+    code, _, err = cli("--quiet", "correct", path, out, "--uncertainty", "--gate", "off")  # the network's own fill (the gate: test_slice_gate.py)
     assert code == 0, err
     original, fixed = medinpaint.load(path), medinpaint.load(out)
     mask = medinpaint.load(tmp_path / "fixed_desc-synthesized_mask.nii.gz").array > 0
@@ -82,10 +82,12 @@ def test_network_fill_beats_nothing_and_keeps_acquired_voxels(cli, tmp_path, dam
     assert sidecar["Method"] == "network"
     assert sidecar["Model"]["Name"] == DEFAULT_MODEL and len(sidecar["Model"]["SHA256"]) == 64
     assert sidecar["Parameters"]["blend_mode"] == "gaussian"
-    # This CT's real hip implant: its streaks were refined by the metal model, its metal kept.
+    # This CT's real hip implant: its streaks were corrected (change-only NMAR, the default: the metal
+    # model refines only when asked), its metal kept; the provenance names every model that ran.
     labels = medinpaint.load(tmp_path / "fixed_desc-synthesized_mask.nii.gz").array
     assert (labels == ArtifactKind.METAL_STREAK).any() and not (labels == ArtifactKind.METAL).any()
-    assert sidecar["Parameters"]["metal"]["refined_by"]["Name"] == DEFAULT_METAL_MODEL
+    assert "refined_by" not in sidecar["Parameters"]["metal"] and "metal" not in sidecar["Models"]
+    assert sidecar["Models"]["slices"]["Name"] == DEFAULT_MODEL
     spread = medinpaint.load(tmp_path / "fixed_desc-uncertainty.nii.gz").array
     assert sidecar["Uncertainty"]["File"] == "fixed_desc-uncertainty.nii.gz"
     assert (spread[~mask] == 0).all() and spread[mask].max() > 0

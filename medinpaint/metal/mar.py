@@ -56,9 +56,9 @@ def interpolate_trace(sinogram: torch.Tensor, trace: torch.Tensor) -> torch.Tens
 
 
 def _finish(corrected, img, mask, geometry, filter, squeeze):
-    # A plain FBP of the corrected sinogram, not img + FBP(corrected - original): the latter keeps
-    # the image's sharpness but also the one-pixel streaks that a project/FBP round trip cannot
-    # cancel, and measured worse (RMSE ~75 vs ~40 HU on the simulated abdomen).
+    # The literature's LI/NMAR: a plain FBP of the corrected sinogram (every voxel re-made, and
+    # blurred by the round trip). ``mar_change`` gives img + FBP(corrected - original) instead,
+    # which the correction uses only where that change is significant (issue 17).
     out = fbp(geometry, corrected, filter=filter) / MU_SCALE - 1000.0
     out = torch.where(mask, img, out)
     return out[0] if squeeze else out

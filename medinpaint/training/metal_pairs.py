@@ -75,7 +75,9 @@ def make_pair(
     damaged, _, reference = simulate_metal_volume(
         volume, seed=int(rng.integers(2**31)), count=int(rng.integers(1, 3)), views=views, photons=photons,
     )
-    settings = MetalDetection(halo_hu=halo_hu)  # detection as `correct` does it
+    # Detection and correction as `correct` does them, with the do-no-harm gate off: a training pair
+    # teaches the refinement of a correction, so every slice with metal must carry one.
+    settings = MetalDetection(halo_hu=halo_hu, gate="off")
     found = find_artifacts(damaged, artifacts="metal", metal_settings=settings)
     streaks = found.labels == ArtifactKind.METAL_STREAK
     prefilled = correct(damaged, found, method="classical", settings=Settings(metal=settings)).volume.array  # NMAR in the streaks

@@ -367,6 +367,8 @@ def _validate(model: InpaintingUNet, batches: list[dict], device: torch.device) 
         sq_net += float(((out - image) ** 2 * mask).sum())
         sq_pre += float(((prefilled - image) ** 2 * mask).sum())
         count += float(mask.sum())
+    if count == 0:
+        raise MedinpaintError("the validation patches hold no voxel to fill (empty masks); more or other validation data is needed")
     rmse_net, rmse_pre = math.sqrt(sq_net / count), math.sqrt(sq_pre / count)
     return {"rmse_network": rmse_net, "rmse_prefill": rmse_pre, "gain_db": 20 * math.log10(rmse_pre / max(rmse_net, 1e-12))}
 
