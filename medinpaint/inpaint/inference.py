@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from medinpaint.config import InferenceSettings
 from medinpaint.errors import MedinpaintError
-from medinpaint.inpaint.classical import choose_slice_order, network_prefill
+from medinpaint.inpaint.classical import choose_slice_order, network_prefill, valid_neighbours
 from medinpaint.inpaint.registered import registered_slices
 from medinpaint.inpaint.network import SIZE_DIVISOR, InpaintingUNet
 from medinpaint.inpaint.normalize import Normalizer
@@ -219,8 +219,7 @@ def _prefilled(
     """
     lo, hi = box[2].start, box[2].stop
     for k in (k for k in range(box[2].start, box[2].stop) if k in bad):
-        below = [v for v in valid_slices if v < k][-2:]
-        above = [v for v in valid_slices if v > k][:2]
+        below, above = valid_neighbours(valid_slices, k, 2)
         lo, hi = min([lo] + below), max([hi] + [v + 1 for v in above])
     index = (box[0], box[1], slice(lo, hi))
     local_bad = [k - lo for k in range(lo, hi) if k in bad]
