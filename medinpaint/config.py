@@ -28,7 +28,7 @@ class InferenceSettings:
     blend_mode: str = "gaussian"
     context_voxels: int = 16  # valid context kept around the holes when cropping for inference
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # CPU threads for torch; 0 = torch's default
+    threads: int = 0  # CPU threads for torch and SimpleITK; 0 = their defaults (all cores)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.classical import classical_fill
 from medinpaint.inpaint.gate import gated_fill
-from medinpaint.inpaint.inference import network_fill, pick_device
+from medinpaint.inpaint.inference import network_fill, pick_device, set_cpu_threads
 from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, load_model
 
 METHODS = ("network", "classical")
@@ -94,8 +94,7 @@ def correct(
     else:
         inference = settings.inference
         torch_device = pick_device(device or inference.device)
-        if inference.threads:
-            torch.set_num_threads(inference.threads)
+        set_cpu_threads(inference.threads)
         if not others.any():
             filled = volume.array.astype(np.float32, copy=True)
         else:

@@ -33,13 +33,11 @@ class CaseWorker:
 
     def __call__(self, batch: dict[str, np.ndarray], request: RunRequest) -> dict[str, np.ndarray]:
         if not self.ready:
-            import torch
-
             from medinpaint.data.atomic import set_shard_tag
+            from medinpaint.inpaint.inference import set_cpu_threads
 
             set_shard_tag(request.shard_tag)  # this process stages its files under the run's shard too
-            if request.settings.inference.threads:
-                torch.set_num_threads(request.settings.inference.threads)
+            set_cpu_threads(request.settings.inference.threads)
             self.networks = load_networks(request)  # once per worker, not once per case
             self.ready = True
         cases = [Case(str(c), Path(p), s or None) for c, p, s in zip(batch["case"], batch["input"], batch["series"])]

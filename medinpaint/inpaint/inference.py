@@ -27,6 +27,16 @@ from medinpaint.inpaint.normalize import Normalizer
 log = logging.getLogger(__name__)
 
 
+def set_cpu_threads(threads: int) -> None:
+    """Cap the CPU threads of torch and of SimpleITK (registration): workers sharing a machine
+    each take ``threads`` cores instead of all of them. 0 keeps the libraries' defaults."""
+    if threads:
+        import SimpleITK as sitk
+
+        torch.set_num_threads(threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
 def pick_device(name: str) -> torch.device:
     """The torch device for ``auto``/``cpu``/``cuda`` (inference and training alike); a clear error for the impossible."""
     if name == "auto":
