@@ -49,7 +49,8 @@ from skimage.metrics import structural_similarity
 import medinpaint
 from medinpaint.artifacts.find import find_artifacts
 from medinpaint.artifacts.labels import ArtifactKind
-from medinpaint.artifacts.metal import MetalDetection, geometry_for
+from medinpaint.artifacts.metal import MetalDetection
+from medinpaint.artifacts.metal_correction import geometry_for
 from medinpaint.body import body_mask
 from medinpaint.config import Settings
 from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, MODELS_DIR

@@ -26,7 +26,8 @@ from medinpaint.data.find import find_cases
 from medinpaint.data.load import format_of, load
 from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError
-from medinpaint.output import companion_paths, output_format, save
+from medinpaint.data.output_names import companion_paths, output_format
+from medinpaint.output import save
 from medinpaint.provenance import input_sha256, run_settings, why_redo
 
 SUMMARY_FIELDS = ("case", "input", "status", "artifacts", "synthesized_fraction", "seconds", "output", "reason")

@@ -24,7 +24,8 @@ from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.inference import pick_device, sw_batch_size
 from medinpaint.inpaint.models import ModelInfo, read_info, resolve
 from medinpaint.inpaint.network import InpaintingUNet
-from medinpaint.output import check_outputs, output_format, save
+from medinpaint.data.output_names import check_outputs, output_format
+from medinpaint.output import save
 from medinpaint.provenance import run_settings
 
 # What network_fill sets itself on the SlidingWindowInferer it builds per crop (device, stitching,

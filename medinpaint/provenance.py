@@ -12,10 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
+from typing import TYPE_CHECKING
+
 from medinpaint import __version__
 from medinpaint.artifacts.labels import LABEL_NAMES
 from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError
+
+if TYPE_CHECKING:
+    from medinpaint.correct import Correction
 from medinpaint.hashing import sha256_file, sha256_files
 
 CODE_URL = "https://github.com/medinpaint/medinpaint"
@@ -220,3 +225,43 @@ def _file_sha256(path: Path) -> str:
 @lru_cache(maxsize=64)
 def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:  # keyed on size and mtime: each file hashed once per run
     return sha256_file(path)
+
+
+def correction_provenance(correction: "Correction", synthesized: np.ndarray, written: dict[str, Path], relative_to: Path) -> dict:
+    """The sidecar of a written correction; ``written`` paths are named relative to ``relative_to``."""
+
+    def rel(p: Path) -> str:
+        try:
+            return str(p.relative_to(relative_to))
+        except ValueError:
+            return p.name
+
+    masks = [rel(written[k]) for k in ("mask", "seg") if k in written]
+    extra = {k: rel(v) for k, v in written.items() if k not in ("mask", "seg")}
+    provenance = build_provenance(
+        volume=correction.original,
+        synthesized=synthesized,
+        method=correction.method,
+        model=correction.model,
+        parameters=correction.parameters,
+        artifacts=correction.artifacts.summary(),
+        mask_files=masks,
+        extra_files=extra,
+        seconds=correction.seconds,
+    )
+    provenance["Models"] = correction.models or {}  # both when slices and metal streaks were filled; "Model" is the first
+    if correction.run is not None:
+        provenance["UserMask"] = correction.run.get("mask")
+        provenance["Detection"] = detection_used(correction.run, correction.original.modality)
+        provenance["Run"] = run_block(correction.run)
+    if correction.uncertainty is not None:
+        holes = correction.artifacts.synthesized
+        values = correction.uncertainty[holes]
+        provenance["Uncertainty"] = {
+            "File": extra.get("uncertainty"),
+            "Method": correction.parameters.get("uncertainty"),
+            "Units": "same as the volume (standard deviation across test-time flips)",
+            "Mean": float(values.mean()) if values.size else 0.0,
+            "Max": float(values.max()) if values.size else 0.0,
+        }
+    return provenance

@@ -69,7 +69,7 @@ def simulate_metal_volume(
     from medinpaint.artifacts.labels import ArtifactKind
     from medinpaint.artifacts.metal_correction import check_ct
     from medinpaint.metal.fanbeam import FanBeamGeometry
-    from medinpaint.metal.masks import body_mask
+    from medinpaint.body import body_mask
     from medinpaint.metal.simulate import random_metal_volume, simulate_metal
 
     check_ct(volume)

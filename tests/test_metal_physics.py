@@ -9,7 +9,8 @@ import torch
 from medinpaint.metal import materials
 from medinpaint.metal.fanbeam import FanBeamGeometry, fbp, project
 from medinpaint.metal.mar import interpolate_trace, li_mar, nmar
-from medinpaint.metal.masks import body_mask, find_metal, metal_halo, overlap, streak_region
+from medinpaint.body import body_mask
+from medinpaint.metal.masks import find_metal, metal_halo, overlap, streak_region
 from medinpaint.metal.simulate import random_metal, random_metal_volume, simulate_metal
 
 from conftest import shared

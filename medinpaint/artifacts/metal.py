@@ -14,14 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from medinpaint.artifacts.metal_correction import (  # noqa: F401  check_ct, geometry_for, metal_corrections: public API
-    METHODS,
-    change_batches,
-    check_ct,
-    corrected_slice,
-    geometry_for,
-    metal_corrections,
-)
+from medinpaint.artifacts.metal_correction import METHODS, change_batches, check_ct, corrected_slice, geometry_for
 from medinpaint.body import body_mask
 from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError

@@ -17,7 +17,8 @@ from medinpaint.data.dicom_series import list_series, summarize_series
 from medinpaint.data.load import load
 from medinpaint.data.save import write_file
 from medinpaint.errors import MedinpaintError
-from medinpaint.output import check_files, check_outputs, file_pair, output_format, save, save_mask
+from medinpaint.data.output_names import check_files, check_outputs, file_pair, output_format
+from medinpaint.output import save, save_mask
 from medinpaint.provenance import run_settings
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from medinpaint.body import body_mask  # noqa: F401  per (B, H, W) slice: the largest blob, holes filled
 from medinpaint.metal.fanbeam import FanBeamGeometry
 
 CLIP_HU = 3071.0  # top of the 12-bit DICOM range many scanners write

@@ -10,7 +10,7 @@ import numpy as np
 
 from medinpaint.artifacts.labels import ArtifactKind
 from medinpaint.correct import Correction
-from medinpaint.output import output_format, split_name
+from medinpaint.data.output_names import output_format, split_name
 from medinpaint.provenance import synthesized_summary
 from medinpaint.report.page import esc, page, pretty, write_page
 from medinpaint.report.views import KIND_COLOURS, OTHER_COLOUR, cuts, windows

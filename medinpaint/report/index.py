@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from medinpaint.output import companion_paths
+from medinpaint.data.output_names import companion_paths
 from medinpaint.report.page import esc, page, write_page
 
 STATUS_COLOURS = {"done": "#1f77b4", "skipped": "#8c8c8c", "failed": "#d62728"}
