@@ -49,3 +49,22 @@ def blank_slices(array: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, 
     damaged = array.copy()
     damaged[:, :, ks] = float(np.nanmin(array))
     return damaged, ks
+
+
+def enhanced_multiframe(files, path: Path) -> Path:
+    """An enhanced (multi-frame) CT made by highdicom from classic slice files, written to ``path``."""
+    import highdicom
+    import pydicom
+
+    datasets = []
+    for file in files:
+        ds = pydicom.dcmread(file)
+        ds.decompress()
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID  # the shared anonymised series left it empty
+        datasets.append(ds)
+    enhanced = highdicom.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=datasets, series_instance_uid=pydicom.uid.generate_uid(), series_number=99,
+        sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
+    )
+    enhanced.save_as(path)
+    return path

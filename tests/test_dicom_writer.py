@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -13,7 +12,7 @@ import medinpaint
 from medinpaint.data.dicom_writer import write_dicom_series, write_seg
 from medinpaint.data.volume import LPS_TO_RAS
 
-from conftest import shared
+from conftest import enhanced_multiframe, shared
 
 FIRST, COUNT, REMOVED = 6, 5, 2  # 5 neighbouring files of ct_abdomen_dicom; the middle one (k = 2 too) removed
 
@@ -103,18 +102,8 @@ def test_slices_without_a_file_in_a_tilted_stack_step_like_the_source(tmp_path):
 
 
 def test_references_into_a_multiframe_source_name_the_frame(tmp_path):
-    datasets = []
-    for path in _ct_files()[:4]:
-        ds = pydicom.dcmread(path)
-        ds.decompress()
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID  # this anonymised series left it empty
-        datasets.append(ds)
-    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
-        legacy_datasets=datasets, series_instance_uid=pydicom.uid.generate_uid(), series_number=99,
-        sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
-    )
-    path = tmp_path / "enhanced.dcm"
-    enhanced.save_as(path)
+    path = enhanced_multiframe(_ct_files()[:4], tmp_path / "enhanced.dcm")
+    enhanced = pydicom.dcmread(path, stop_before_pixels=True)
     volume = medinpaint.load(path)
     out = _write(volume, tmp_path / "out")
 

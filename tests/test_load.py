@@ -12,7 +12,7 @@ from medinpaint.data.save import write_file
 from medinpaint.data.volume import affine_from_itk
 from medinpaint.errors import MedinpaintError
 
-from conftest import shared
+from conftest import enhanced_multiframe, shared
 
 
 def _sitk_series(folder):
@@ -76,20 +76,9 @@ def test_missing_instance_becomes_flagged_placeholder():
 
 
 def test_enhanced_multiframe_matches_the_classic_series(tmp_path):
-    highdicom = pytest.importorskip("highdicom")
+    pytest.importorskip("highdicom")
     folder = shared("ct_abdomen_dicom")
-    datasets = []
-    for path in sorted(folder.iterdir()):
-        ds = pydicom.dcmread(path)
-        ds.decompress()
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID  # this anonymised series left it empty
-        datasets.append(ds)
-    enhanced = highdicom.legacy.LegacyConvertedEnhancedCTImage(
-        legacy_datasets=datasets, series_instance_uid=pydicom.uid.generate_uid(), series_number=99,
-        sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
-    )
-    path = tmp_path / "enhanced.dcm"
-    enhanced.save_as(path)
+    path = enhanced_multiframe(sorted(folder.iterdir()), tmp_path / "enhanced.dcm")
     multi = medinpaint.load(path)
     classic = medinpaint.load(folder)
     assert multi.shape == classic.shape
