@@ -21,7 +21,7 @@ from medinpaint.errors import MedinpaintError
 
 if TYPE_CHECKING:
     from medinpaint.correct import Correction
-from medinpaint.hashing import sha256_file, sha256_files
+from medinpaint.hashing import sha256_files
 
 CODE_URL = "https://github.com/medinpaint/medinpaint"
 
@@ -33,7 +33,7 @@ def input_sha256(volume: Volume) -> str | None:
     files = list(volume.source.input_files) or [f for f in volume.source.slice_files if f is not None] or [volume.source.path]
     paths = [Path(p) for p in dict.fromkeys(files) if not Path(p).is_dir()]  # a multi-frame file appears once per frame
     # Keyed on size and mtime so batch mode hashes each input once (resume check, then provenance).
-    return _sha256_of_files(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths))
+    return _sha256_of_files(tuple(_stat_key(p) for p in paths))
 
 
 @lru_cache(maxsize=64)
@@ -218,13 +218,13 @@ def _model_identity(path: Path) -> dict:
 
 
 def _file_sha256(path: Path) -> str:
+    return _sha256_of_files((_stat_key(path.resolve()),))
+
+
+def _stat_key(path: Path) -> tuple[str, int, int]:
+    """What the SHA-256 cache is keyed on: a file changed in place gets a new size or mtime."""
     stat = path.stat()
-    return _cached_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@lru_cache(maxsize=64)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:  # keyed on size and mtime: each file hashed once per run
-    return sha256_file(path)
+    return str(path), stat.st_size, stat.st_mtime_ns
 
 
 def correction_provenance(correction: "Correction", synthesized: np.ndarray, written: dict[str, Path], relative_to: Path) -> dict:
