@@ -10,13 +10,15 @@ Two sources of cases, both from `ct_abdomen_dicom` (512 x 512, 0.98 mm; no model
   into a voxelized water/bone phantom, metal is added (titanium rods, titanium screws, a steel ball,
   thin steel wires, a silver dental-like cluster), and XCIST scans it with and without the metal
   (polychromatic 120 kVp, quantum and electronic noise, a third-generation curved detector,
-  its own FDK reconstruction) at two tube currents (noise levels).  The cases are cached in DIR.
+  its own FDK reconstruction) at two tube currents (noise levels), and once more without metal and
+  without noise: the truth scored against.  The cases are cached in DIR.
   XCIST is a benchmark-only dependency: `pip download --no-deps gecatsim`, unpack the sdist and put
   it on PYTHONPATH (with matplotlib, which it imports); its prebuilt library runs where pip's build
   of it fails.
 
 Scores: PSNR, SSIM and RMSE (HU) in the body, metal (true or detected, grown by a pixel) excluded,
-on the slices holding metal.  Columns:
+on the slices holding metal; and the same after a Gaussian low-pass of both images (sigma 1.5 px,
+"streaks"), which measures the artifact without the pixel noise (see ``score``).  Columns:
   uncorrected   the damaged scan
   LI, NMAR      the whole slice replaced by the literature's correction (the metal's trace alone)
   change_only   image + FBP(NMAR sinogram - sinogram of the image), metal halo re-filled, written in
@@ -61,10 +63,10 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = [("ball", 0), ("screw", 2), ("irregular", 3), ("ball", 4), ("rod", 1), ("screw", 6), ("irregular", 7), ("rod", 5)]
 XCIST_CASES = [("ti_rods", 4), ("ti_screws", 8), ("steel_ball", 12), ("wires", 16), ("dental", 10)]  # (metal, slice of ct_abdomen_dicom)
 XCIST_PIXEL_MM = 500.0 / 512  # XCIST reconstructs 512 x 512 over a 500 mm field: the scan's own grid
+STREAK_SIGMA_PX = 1.5  # low-pass of the "streaks" scores
 
 
-def score(reference: np.ndarray, image: np.ndarray, region: np.ndarray) -> dict:
-    """PSNR (data range of the reference in the region), SSIM (7 px windows, per slice) and RMSE in HU."""
+def _metrics(reference: np.ndarray, image: np.ndarray, region: np.ndarray) -> dict:
     err = image[region].astype(np.float64) - reference[region]
     rng = float(reference[region].max() - reference[region].min())
     ssim = []
@@ -75,6 +77,21 @@ def score(reference: np.ndarray, image: np.ndarray, region: np.ndarray) -> dict:
     mse = float(np.mean(err**2))
     return {"psnr_db": round(10 * np.log10(rng**2 / mse), 2), "ssim": round(float(np.mean(np.concatenate(ssim))), 4),
             "rmse_hu": round(float(np.sqrt(mse)), 1)}
+
+
+def score(reference: np.ndarray, image: np.ndarray, region: np.ndarray) -> dict:
+    """PSNR (data range of the reference in the region), SSIM (7 px windows, per slice) and RMSE in HU; and the same
+    after an in-plane Gaussian low-pass of both images (``streaks``, sigma STREAK_SIGMA_PX).
+
+    The plain scores also count the scan's own pixel noise, so any blur (a full re-projection round
+    trip of the *uncorrected* scan gains 1.2-1.8 dB on the 200 mA XCIST cases) scores as a gain.
+    The low-pass scores keep the streaks (coherent over many pixels) and drop most pixel noise, so
+    they measure artifact removal without rewarding or punishing the noise a method leaves.
+    """
+    out = _metrics(reference, image, region)
+    low = [ndimage.gaussian_filter(np.nan_to_num(x.astype(np.float64)), (STREAK_SIGMA_PX, STREAK_SIGMA_PX, 0)) for x in (reference, image)]
+    out["streaks"] = _metrics(*low, region)
+    return out
 
 
 def literature(volume, metal: np.ndarray, ks: list[int], method: str) -> np.ndarray:
@@ -177,8 +194,12 @@ def xcist_metal(kind: str, hu: np.ndarray, supersample: int = 4) -> tuple[np.nda
     return mask.reshape(n, supersample, n, supersample).mean(axis=(1, 3)).astype(np.float32), material
 
 
-def _xcist_scan(xc, folder: Path, name: str, fractions: dict[str, np.ndarray], views: int, ma: float, seed: int) -> np.ndarray:
-    """Scan one voxelized slice with XCIST (1 detector row, ``views`` over 360 degrees) and reconstruct it in HU."""
+def _xcist_scan(xc, folder: Path, name: str, fractions: dict[str, np.ndarray], views: int, ma: float, seed: int,
+                noise: bool = True) -> np.ndarray:
+    """Scan one voxelized slice with XCIST (1 detector row, ``views`` over 360 degrees) and reconstruct it in HU.
+
+    ``noise=False`` turns off XCIST's quantum and electronic noise: the metal-free truth.
+    """
     import gecatsim.reconstruction.pyfiles.recon as recon
 
     n = next(iter(fractions.values())).shape[0]
@@ -206,6 +227,7 @@ def _xcist_scan(xc, folder: Path, name: str, fractions: dict[str, np.ndarray], v
         for sampling in ("colSampleCount", "rowSampleCount", "srcXSampleCount", "srcYSampleCount", "viewSampleCount"):
             setattr(ct.physics, sampling, 1)
         ct.physics.energyCount = 12
+        ct.physics.enableQuantumNoise = ct.physics.enableElectronicNoise = int(noise)
         ct.recon.fov, ct.recon.imageSize, ct.recon.sliceCount, ct.recon.sliceThickness = 500.0, n, 1, 1.0
         ct.run_all()
         ct.do_Recon = 1
@@ -214,7 +236,8 @@ def _xcist_scan(xc, folder: Path, name: str, fractions: dict[str, np.ndarray], v
 
 
 def xcist_case(clean, kind: str, k: int, views: int, ma: float, cache: Path) -> dict:
-    """One XCIST case (damaged, reference, metal fraction on the reconstruction's grid), cached in ``cache``."""
+    """One XCIST case (damaged, metal fraction on the reconstruction's grid, the noisy metal-free scan ``reference``
+    and the noise-free metal-free ``truth`` that is scored against), cached in ``cache``."""
     path = cache / f"{kind}-{ma:g}mA-{views}v.npz"
     if not path.exists():
         xc = _import_xcist()
@@ -230,8 +253,15 @@ def xcist_case(clean, kind: str, k: int, views: int, ma: float, cache: Path) -> 
         if corr < 0.9:
             raise RuntimeError(f"XCIST reconstruction of slice {k} does not match its source (correlation {corr:.3f})")
         np.savez_compressed(path, damaged=damaged, reference=reference, metal=metal, slice=k, mA=ma, views=views, material=material)
-    with np.load(path) as saved:
-        return {name: saved[name] for name in saved.files}
+    truth_path = cache / f"truth-slice{k}-{views}v.npz"  # the same for every tube current
+    if not truth_path.exists():
+        xc = _import_xcist()
+        (cache / "work").mkdir(parents=True, exist_ok=True)
+        truth = _xcist_scan(xc, cache / "work", f"truth{k}", _phantom_fractions(clean.array[:, :, k].astype(np.float32)), views, 800.0,
+                            seed=0, noise=False)
+        np.savez_compressed(truth_path, reference=truth, slice=k)
+    with np.load(path) as saved, np.load(truth_path) as truth:
+        return {name: saved[name] for name in saved.files} | {"truth": truth["reference"]}
 
 
 def run_xcist(args, clean, network: bool) -> list[dict]:
@@ -244,7 +274,7 @@ def run_xcist(args, clean, network: bool) -> list[dict]:
             damaged = grid.with_array(case["damaged"][:, :, None])
             true_metal = (case["metal"] > 0.25)[:, :, None]
             row = {"case": f"xcist {kind} {ma:g} mA", "material": str(case["material"])}
-            row |= score_case(damaged, case["reference"][:, :, None], true_metal, network, args.model)
+            row |= score_case(damaged, case["truth"][:, :, None], true_metal, network, args.model)
             row["seconds"] = round(time.perf_counter() - started, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -292,12 +322,23 @@ def main() -> None:
     network = not args.no_network and (args.model is not None or (MODELS_DIR / f"{DEFAULT_METAL_MODEL}.safetensors").is_file())
     rows = run_xcist(args, clean, network) if args.xcist else run_own(args, clean, network)
     methods = [m for m in ("uncorrected", "LI", "NMAR", "change_only", "default", "network") if m in rows[0]]
-    summary = {m: {key: round(float(np.mean([r[m][key] for r in rows])), 3) for key in rows[0][m]} for m in methods}
-    summary["default_never_below_uncorrected"] = all(r["default"]["psnr_db"] >= r["uncorrected"]["psnr_db"] for r in rows)
+    summary = {}
+    for m in methods:
+        summary[m] = {key: round(float(np.mean([r[m][key] for r in rows])), 3) for key in ("psnr_db", "ssim", "rmse_hu")}
+        summary[m]["streaks"] = {key: round(float(np.mean([r[m]["streaks"][key] for r in rows])), 3) for key in ("psnr_db", "ssim", "rmse_hu")}
+    for scores in ("plain", "streaks"):
+        get = (lambda r, m, key: r[m][key]) if scores == "plain" else (lambda r, m, key: r[m]["streaks"][key])
+        summary[f"default_never_below_uncorrected_{scores}"] = all(
+            get(r, "default", "psnr_db") >= get(r, "uncorrected", "psnr_db") and get(r, "default", "ssim") >= get(r, "uncorrected", "ssim")
+            for r in rows)
+        summary[f"default_minus_uncorrected_db_{scores}"] = round(float(np.mean([get(r, "default", "psnr_db") - get(r, "uncorrected", "psnr_db") for r in rows])), 2)
+        summary[f"default_minus_NMAR_db_{scores}"] = round(float(np.mean([get(r, "default", "psnr_db") - get(r, "NMAR", "psnr_db") for r in rows])), 2)
     print(json.dumps({"mean_over_cases": summary}, indent=2))
-    print("\n| case | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods))
-    for r in rows:
-        print(f"| {r['case']} | " + " | ".join(f"{r[m]['psnr_db']:.2f} / {r[m]['ssim']:.3f} / {r[m]['rmse_hu']:.0f}" for m in methods) + " |")
+    for scores in ("plain", "streaks"):
+        print(f"\n{scores} scores, PSNR dB / SSIM / RMSE HU\n| case | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods))
+        for r in rows:
+            cells = [r[m] if scores == "plain" else r[m]["streaks"] for m in methods]
+            print(f"| {r['case']} | " + " | ".join(f"{c['psnr_db']:.2f} / {c['ssim']:.3f} / {c['rmse_hu']:.0f}" for c in cells) + " |")
 
 
 if __name__ == "__main__":

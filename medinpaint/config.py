@@ -36,9 +36,12 @@ class GateSettings:
     """The "never below classical" gate of slice filling (medinpaint/inpaint/gate.py)."""
 
     enabled: bool = True  # measure network vs classical fills on left-out acquired slices of each scan
-    margin_db: float = 0.1  # the network is written only when its left-out PSNR beats the best classical fill by this
-    picks: int = 6  # left-out runs per gap length (runs as long as the scan's real gaps, away from them)
+    margin_db: float = 0.1  # the network is written only when the lower confidence bound of its left-out gain over the classical choice exceeds this
+    picks: int = 16  # left-out runs per gap length (runs as long as the scan's real gaps, away from them)
+    rounds: int = 4  # at most this many passes (one network run each) to place the picks on a short scan
     classical: tuple[str, ...] = ("linear", "cubic", "registered")  # candidates; registered = motion-compensated
+    default: str = "cubic"  # written unless another method wins clearly: reproduces cubic-resampled volumes, beats linear on smooth anatomy
+    confidence: float = 0.95  # one-sided level of the lower bound (bootstrap over the picks) a winner's pooled gain must clear
     seed: int = 0  # placement of the left-out runs (same seed, same picks)
 
 
