@@ -24,11 +24,11 @@ import medinpaint
 from medinpaint.artifacts.find import find_artifacts
 from medinpaint.artifacts.labels import ArtifactKind
 from medinpaint.config import Settings
+from metal import STREAK_SIGMA_PX, XCIST_CASES, xcist_case  # benchmarks/metal.py: one copy of the cases and the score's low-pass
 
 REPO = Path(__file__).resolve().parent.parent
 WINDOW = (-200.0, 400.0)  # soft tissue and bone edges; streaks stand out
 DIFF_HU = 200.0
-STREAK_SIGMA_PX = 1.5  # as benchmarks/metal.py
 
 
 def grey(image: np.ndarray, lo: float = WINDOW[0], hi: float = WINDOW[1]) -> Image.Image:
@@ -87,11 +87,11 @@ def low(diff: np.ndarray) -> np.ndarray:
 
 
 def xcist(cache: Path, case: str, out: Path) -> None:
-    kinds = {"ti_rods": 4, "ti_screws": 8, "steel_ball": 12, "wires": 16, "dental": 10}
-    saved = np.load(cache / f"{case}-500v.npz")
-    truth = np.load(cache / f"truth-slice{kinds[case.rsplit('-', 1)[0]]}-500v.npz")["reference"]
+    kind, current = case.rsplit("-", 1)
+    k = dict(XCIST_CASES)[kind]
     clean = medinpaint.load(REPO.parent / "shared" / "data" / "ct_abdomen_dicom")
-    k = int(saved["slice"])
+    saved = xcist_case(clean, kind, k, views=500, ma=float(current.removesuffix("mA")), cache=cache)  # as benchmarks/metal.py made it
+    truth = saved["truth"]
     damaged = clean.slab(k, k + 1).with_array(saved["damaged"][:, :, None])
     found = find_artifacts(damaged, artifacts="metal")
     after = medinpaint.correct(damaged, found, settings=Settings()).volume.array[:, :, 0]

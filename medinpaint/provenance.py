@@ -9,19 +9,18 @@ from dataclasses import asdict
 from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-
-from typing import TYPE_CHECKING
 
 from medinpaint import __version__
 from medinpaint.artifacts.labels import LABEL_NAMES
 from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError
+from medinpaint.hashing import sha256_files
 
 if TYPE_CHECKING:
     from medinpaint.correct import Correction
-from medinpaint.hashing import sha256_files
 
 CODE_URL = "https://github.com/medinpaint/medinpaint"
 

@@ -110,14 +110,15 @@ def _placed(n_k: int, bad_slices: list[int], lengths: dict[int, int], wanted: di
     return picks
 
 
-def leave_out_rounds(n_k: int, bad_slices: list[int], lengths: list[int], count: int, seed: int, rounds: int) -> list[list[list[int]]]:
+def leave_out_rounds(n_k: int, bad_slices: list[int], run_lengths: dict[int, int], count: int, seed: int,
+                     rounds: int) -> list[list[list[int]]]:
     """Rounds of ``leave_out_picks`` (seeds ``seed``, ``seed + 1``, ...), each hiding slices no earlier
     round hid, until ``count`` runs per gap length are picked or ``rounds`` are used: a scan too short
-    to hide ``count`` runs at once is measured in several passes, each run predicted as in a single gap."""
+    to hide ``count`` runs at once is measured in several passes, each run predicted as in a single gap.
+    ``run_lengths`` maps each gap length to the length of its runs (``pick_lengths``)."""
     found: list[list[list[int]]] = []
     used: set[int] = set()
-    wanted = {length: count for length in lengths}
-    run_lengths = pick_lengths(n_k, bad_slices, lengths)
+    wanted = {length: count for length in run_lengths}
     for r in range(max(rounds, 1)):
         if not any(wanted.values()):
             break
@@ -267,13 +268,14 @@ def gated_fill(
     requested = adapt if adapt is not None else settings.adapt.steps
     adapting = requested not in ("off", None, False, 0, "0")
     # An adapted copy must learn from none of the picks: one round leaves it the most to learn from.
-    rounds = leave_out_rounds(array.shape[2], whole_slices, lengths, gate.picks, gate.seed, 1 if adapting else gate.rounds)
+    run_lengths = pick_lengths(array.shape[2], whole_slices, lengths)
+    rounds = leave_out_rounds(array.shape[2], whole_slices, run_lengths, gate.picks, gate.seed, 1 if adapting else gate.rounds)
     picks = [run for picked in rounds for run in picked]
     hidden = sorted(k for run in picks for k in run)
     steps, why_steps = adaptation_steps(requested, device, array.shape[2] - len(whole_slices) - len(hidden), settings.adapt)
     record: dict = {"enabled": gate.enabled, "margin_db": gate.margin_db, "seed": gate.seed, "gap_lengths": lengths,
                     "picks": picks, "pick_count": len(picks), "rounds": len(rounds), "left_out_slices": len(hidden),
-                    "pick_lengths": {str(gap): n for gap, n in pick_lengths(array.shape[2], whole_slices, lengths).items()}}
+                    "pick_lengths": {str(gap): n for gap, n in run_lengths.items()}}
     adapted = None
     if steps:
         adapted, record["adaptation"] = adapt_model(
