@@ -117,6 +117,10 @@ def test_change_only_is_zero_where_nmar_changes_nothing():
     full = nmar(image, metal, g)
     assert (change + image - full).abs().mean() > 1  # the full round trip differs everywhere; the change does not carry it
     assert np.abs(change.numpy()).mean() < np.abs((full - image).numpy()).mean()
+    patient = torch.zeros(64, 64, dtype=torch.bool)
+    patient[8:56, 12:60] = True
+    inside = mar_change(image, metal, g, pixels=patient)
+    assert not inside[~patient].any() and inside[patient].abs().max() > 1  # outside the patient the image stays as it is
 
 
 def test_evidence_measures_streaks_against_the_noise():

@@ -16,6 +16,7 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
+from medinpaint.body import body_mask
 from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError
 from medinpaint.metal.fanbeam import FanBeamGeometry
@@ -63,6 +64,16 @@ def corrected_slice(image: np.ndarray, change: np.ndarray, metal: np.ndarray) ->
     return np.where(metal, image, image + change).astype(np.float32)
 
 
+def patient(images: np.ndarray, metal: np.ndarray, margin_px: int = 8) -> np.ndarray:
+    """Bool (H, W): the body of any of ``images`` (k, i, j) and the metal, grown by ``margin_px``.
+
+    The change is back-projected there only: outside the patient it would only correct air, and
+    back-projection costs in proportion to the pixels.
+    """
+    inside = (body_mask(images, slice_axis=0) | metal).any(axis=0)
+    return ndimage.binary_dilation(inside, iterations=margin_px)
+
+
 def change_batches(slices, metal, ks_all: list[int], geometry, settings: MetalDetection, method: str, progress: bool = False):
     """Yield (slice indices, image, metal, halo, change in HU) for ``ks_all`` of (k, i, j) arrays, a few slices at a time.
 
@@ -79,7 +90,7 @@ def change_batches(slices, metal, ks_all: list[int], geometry, settings: MetalDe
         if settings.halo_hu is not None:
             halo = metal_halo(image, mask, settings.halo_hu, settings.halo_px)
         change = mar_change(torch.from_numpy(image), torch.from_numpy(mask), geometry, method=method,
-                            trace_mask=torch.from_numpy(halo)).numpy()  # the metal is always in the trace
+                            trace_mask=torch.from_numpy(halo), pixels=torch.from_numpy(patient(image, mask))).numpy()
         if settings.keep_high_frequencies_px:
             change = np.stack([ndimage.gaussian_filter(c, settings.keep_high_frequencies_px) for c in change])
         yield ks, image, mask, halo, np.where(mask, 0.0, change).astype(np.float32)

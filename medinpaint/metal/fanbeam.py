@@ -7,6 +7,8 @@ is torch, batched over slices (B, H, W), and runs on the device of the input ten
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -80,6 +82,14 @@ class FanBeamGeometry:
         return beta, gamma
 
 
+def coarser(geometry: FanBeamGeometry, factor: int = 2) -> FanBeamGeometry:
+    """The same scanner and rays over the same field, with pixels ``factor`` times larger."""
+    (h, w), (sy, sx) = geometry.image_shape, geometry.spacing
+    shape = (math.ceil(h / factor), math.ceil(w / factor))
+    return dataclasses.replace(geometry, image_shape=shape, spacing_mm=(sy * h / shape[0], sx * w / shape[1]),
+                               fov_mm=geometry.fov_diameter_mm, step_mm=geometry.ray_step_mm)
+
+
 def _as_batch(x: torch.Tensor, shape: tuple[int, int], what: str) -> tuple[torch.Tensor, bool]:
     if not torch.is_tensor(x):
         raise ValueError(f"{what} must be a torch tensor, got {type(x).__name__}")
@@ -101,14 +111,23 @@ def _quarter_symmetric(geometry: FanBeamGeometry) -> bool:
     return h == w and sy == sx and geometry.n_views % 4 == 0
 
 
-def project(geometry: FanBeamGeometry, images: torch.Tensor) -> torch.Tensor:
+def project(
+    geometry: FanBeamGeometry, images: torch.Tensor, rays: torch.Tensor | None = None, support: tuple[float, float, float] | None = None,
+) -> torch.Tensor:
     """Line integrals (value x mm) along every ray: (B, H, W) -> (B, n_views, n_channels).
 
     Ray-driven: each ray is sampled at ``ray_step_mm`` across the image's circumscribed circle and
     the image is read bilinearly (zero outside), a Joseph-like scheme that grid_sample makes fast.
+    ``rays`` (bool, (n_views, n_channels)): only those rays are traced, the rest of the sinogram is
+    zero; metal correction needs the few rays through the metal, not all of them.  With ``rays``,
+    ``support`` (x, y, radius in mm) says that the images are zero outside that circle: each ray is
+    then sampled across the circle only.
     """
     x, squeeze = _as_batch(images, geometry.image_shape, "images")
     x = x.float()
+    if rays is not None:
+        out = _project_rays(geometry, x, rays, support)
+        return out[0] if squeeze else out
     device = x.device
     n_b = x.shape[0]
     (h, w), (sy, sx) = geometry.image_shape, geometry.spacing
@@ -122,7 +141,7 @@ def project(geometry: FanBeamGeometry, images: torch.Tensor) -> torch.Tensor:
     ang = math.pi + gamma
     p0 = torch.stack(
         (geometry.sid_mm + t[None, :] * torch.cos(ang)[:, None], t[None, :] * torch.sin(ang)[:, None]), dim=-1
-    ).reshape(1, -1, 2)
+    ).reshape(1, -1, 2).float()  # float32 from here: 1e-5 mm errors, a third of the time
     quarter = _quarter_symmetric(geometry)
     n_rot = 4 if quarter else 1
     n_v = geometry.n_views // n_rot
@@ -135,12 +154,95 @@ def project(geometry: FanBeamGeometry, images: torch.Tensor) -> torch.Tensor:
         c, s = torch.cos(b), torch.sin(b)
         # row vector p0 times R(b)^T, scaled to grid_sample's [-1, 1] coordinates
         rot = torch.stack((torch.stack((c / half_x, s / half_y), -1), torch.stack((-s / half_x, c / half_y), -1)), 1)
-        grid = torch.matmul(p0, rot).float().reshape(1, -1, n_s, 2)
+        grid = torch.matmul(p0, rot.float()).reshape(1, -1, n_s, 2)
         samples = F.grid_sample(inp, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         sums = samples.sum(-1).reshape(n_rot, n_b, -1, n_c) * step
         for k in range(n_rot):
             out[:, k * n_v + v0 : k * n_v + v0 + b.shape[0]] = sums[k]
     return out[0] if squeeze else out
+
+
+def _project_rays(geometry: FanBeamGeometry, x: torch.Tensor, rays: torch.Tensor, support=None) -> torch.Tensor:
+    """``project`` for the rays marked in ``rays`` only (zero elsewhere), sampled across ``support``."""
+    shape = (geometry.n_views, geometry.n_channels)
+    rays = torch.as_tensor(rays, device=x.device).bool()
+    if tuple(rays.shape) != shape:
+        raise ValueError(f"rays must be (n_views, n_channels) = {shape}, got {tuple(rays.shape)}")
+    n_b = x.shape[0]
+    (h, w), (sy, sx) = geometry.image_shape, geometry.spacing
+    beta, gamma = geometry.angles(x.device)
+    step = geometry.ray_step_mm
+    cx, cy, radius = (0.0, 0.0, geometry.image_radius_mm) if support is None else (float(v) for v in support)
+    n_s = int(math.ceil(2 * radius / step)) + 1
+    t = (step * torch.arange(n_s, dtype=torch.float64, device=x.device) - radius).float()  # about the ray's closest approach
+    half_x, half_y = (w - 1) / 2 * sx, (h - 1) / 2 * sy
+    views, channels = rays.nonzero(as_tuple=True)
+    out = torch.zeros(n_b, *shape, dtype=torch.float32, device=x.device)
+    inp = x.unsqueeze(0)  # (1, B, H, W): every slice read at the same points
+    chunk = _chunk(len(views), n_s * max(1, n_b // 4), budget=8_000_000)
+    for r0 in range(0, len(views), chunk):
+        v, c = views[r0 : r0 + chunk], channels[r0 : r0 + chunk]
+        b, direction = beta[v], beta[v] + math.pi + gamma[c]  # source at angle b, ray turned by the fan angle
+        sx0, sy0 = (geometry.sid_mm * torch.cos(b)).float(), (geometry.sid_mm * torch.sin(b)).float()
+        dx, dy = torch.cos(direction).float(), torch.sin(direction).float()
+        t_c = (cx - sx0) * dx + (cy - sy0) * dy  # where the ray passes closest to the circle's centre
+        along = t_c[:, None] + t[None]
+        px = (sx0[:, None] + along * dx[:, None]) / half_x
+        py = (sy0[:, None] + along * dy[:, None]) / half_y
+        grid = torch.stack((px, py), -1).unsqueeze(0)  # (1, rays, samples, 2)
+        samples = F.grid_sample(inp, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        out[:, v, c] = samples[0].sum(-1) * step
+    return out
+
+
+def enclosing_circle(geometry: FanBeamGeometry, mask: torch.Tensor, margin_px: float = 1.5) -> tuple[float, float, float]:
+    """(x, y, radius) in mm of a circle holding every True pixel of ``mask`` and its bilinear reach."""
+    m = torch.as_tensor(mask).bool()
+    m = m.reshape(-1, *m.shape[-2:]).any(0)
+    (h, w), (sy, sx) = geometry.image_shape, geometry.spacing
+    rows, cols = m.any(1).nonzero()[:, 0], m.any(0).nonzero()[:, 0]
+    if len(rows) == 0:
+        return 0.0, 0.0, max(sx, sy)
+    i0, i1, j0, j1 = (float(v) for v in (rows[0], rows[-1], cols[0], cols[-1]))
+    cx, cy = ((j0 + j1) / 2 - (w - 1) / 2) * sx, ((i0 + i1) / 2 - (h - 1) / 2) * sy
+    return cx, cy, 0.5 * math.hypot((j1 - j0) * sx, (i1 - i0) * sy) + margin_px * max(sx, sy)
+
+
+def rays_near(geometry: FanBeamGeometry, mask: torch.Tensor, margin_px: float = 1.5) -> torch.Tensor:
+    """Bool (n_views, n_channels): rays passing within ``margin_px`` pixels of a True pixel of ``mask``.
+
+    Pixel-driven and cheap (each masked pixel's channel per view); with ``margin_px`` above the
+    bilinear reach (sqrt 2) it holds every ray whose projection of ``mask`` is non-zero.
+    """
+    m = torch.as_tensor(mask).bool()
+    m = m.reshape(-1, *m.shape[-2:]).any(0)
+    (h, w), (sy, sx) = geometry.image_shape, geometry.spacing
+    if tuple(m.shape) != (h, w):
+        raise ValueError(f"mask must be (..., {h}, {w}), got {tuple(mask.shape)}")
+    n_v, n_c = geometry.n_views, geometry.n_channels
+    rays = torch.zeros(n_v, n_c, dtype=torch.bool, device=m.device)
+    i, j = m.nonzero(as_tuple=True)
+    if len(i) == 0:
+        return rays
+    x, y = ((j - (w - 1) / 2) * sx).float()[None], ((i - (h - 1) / 2) * sy).float()[None]
+    beta, _ = geometry.angles(m.device)
+    alpha = geometry.channel_spacing_rad
+    centre = (n_c - 1) / 2 + geometry.channel_offset
+    margin = margin_px * max(sx, sy)
+    chunk = _chunk(n_v, len(i), budget=4_000_000)
+    for v0 in range(0, n_v, chunk):
+        b = beta[v0 : v0 + chunk, None].float()
+        cb, sb = torch.cos(b), torch.sin(b)
+        vx, vy = x - geometry.sid_mm * cb, y - geometry.sid_mm * sb
+        u = torch.atan2(-cb * vy + sb * vx, -(vx * cb + vy * sb)) / alpha + centre
+        half = margin / torch.hypot(vx, vy) / alpha + 1  # channels, plus one for the detector bin's width
+        lo = torch.ceil(u - half).clamp(0, n_c).long()
+        hi = (torch.floor(u + half) + 1).clamp(0, n_c).long()
+        ok = (lo < hi).float()
+        edges = torch.zeros(b.shape[0], n_c + 1, device=m.device)
+        edges.scatter_add_(1, lo, ok).scatter_add_(1, hi, -ok)  # +1 where a pixel's footprint opens, -1 after it closes
+        rays[v0 : v0 + chunk] = edges.cumsum(1)[:, :n_c] > 0.5
+    return rays
 
 
 def _filter_kernel(geometry: FanBeamGeometry, window: str, device) -> tuple[torch.Tensor, int]:
@@ -165,11 +267,13 @@ def _filter_kernel(geometry: FanBeamGeometry, window: str, device) -> tuple[torc
     return spectrum, pad
 
 
-def fbp(geometry: FanBeamGeometry, sinogram: torch.Tensor, filter: str = "shepp-logan") -> torch.Tensor:
+def fbp(geometry: FanBeamGeometry, sinogram: torch.Tensor, filter: str = "shepp-logan", pixels: torch.Tensor | None = None) -> torch.Tensor:
     """Equiangular fan-beam FBP over 360 degrees: (B, n_views, n_channels) -> (B, H, W).
 
     Cosine pre-weighting, the fan-beam ramp (gamma/sin gamma)^2 correction, and 1/L^2-weighted
     pixel-driven back-projection, so that ``fbp(project(f))`` approximates f in the same units.
+    ``pixels`` (bool, (H, W)): back-project those pixels only (the rest is zero); back-projection
+    costs in proportion to the pixels, and a correction needs the patient, not the air around it.
     """
     if filter not in FILTERS:
         raise ValueError(f"unknown filter {filter!r}; choose from {', '.join(FILTERS)}")
@@ -179,23 +283,34 @@ def fbp(geometry: FanBeamGeometry, sinogram: torch.Tensor, filter: str = "shepp-
     device = q.device
     beta, gamma = geometry.angles(device)
     spectrum, pad = _filter_kernel(geometry, filter, device)
-    weighted = q.double() * (geometry.sid_mm * torch.cos(gamma))
-    filtered = torch.fft.ifft(torch.fft.fft(weighted, n=pad, dim=-1) * spectrum, dim=-1).real[..., : geometry.n_channels]
-    filtered = filtered.float()
+    weighted = q * (geometry.sid_mm * torch.cos(gamma)).float()
+    half = spectrum[: pad // 2 + 1].float()  # the kernel is real and even: a real FFT in float32 is enough
+    filtered = torch.fft.irfft(torch.fft.rfft(weighted, n=pad, dim=-1) * half, n=pad, dim=-1)[..., : geometry.n_channels]
 
     (h, w), (sy, sx) = geometry.image_shape, geometry.spacing
-    ys = (torch.arange(h, dtype=torch.float64, device=device) - (h - 1) / 2) * sy
-    xs = (torch.arange(w, dtype=torch.float64, device=device) - (w - 1) / 2) * sx
+    # pixel geometry in float32 (1e-5 mm, 1e-4 channel errors): atan2 over every pixel and view is most of the cost
+    ys = ((torch.arange(h, dtype=torch.float64, device=device) - (h - 1) / 2) * sy).float()
+    xs = ((torch.arange(w, dtype=torch.float64, device=device) - (w - 1) / 2) * sx).float()
+    beta = beta.float()
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    xx, yy = xx.reshape(1, -1), yy.reshape(1, -1)
     n_b = q.shape[0]
     quarter = _quarter_symmetric(geometry)
     n_rot = 4 if quarter else 1
     n_v = geometry.n_views // n_rot
-    parts = torch.zeros(n_rot, n_b, h * w, dtype=torch.float32, device=device)
+    if pixels is None:
+        where = torch.arange(h * w, device=device)
+    else:
+        pixels = torch.as_tensor(pixels, device=device).bool()
+        if tuple(pixels.shape) != (h, w):
+            raise ValueError(f"pixels must be ({h}, {w}), got {tuple(pixels.shape)}")
+        # the quarter turns share one pixel list, so it must be the same after each turn
+        turned = functools.reduce(torch.logical_or, (torch.rot90(pixels, k) for k in range(n_rot)))
+        where = turned.reshape(-1).nonzero()[:, 0]
+    xx, yy = xx.reshape(-1)[where][None], yy.reshape(-1)[where][None]
+    parts = torch.zeros(n_rot, n_b, len(where), dtype=torch.float32, device=device)
     alpha = geometry.channel_spacing_rad
     centre = (geometry.n_channels - 1) / 2 + geometry.channel_offset
-    chunk = _chunk(n_v, h * w * max(1, n_rot * n_b // 4), budget=4_000_000)
+    chunk = _chunk(n_v, len(where) * max(1, n_rot * n_b // 4), budget=4_000_000)
     for v0 in range(0, n_v, chunk):
         b = beta[v0 : min(v0 + chunk, n_v), None]
         nv = b.shape[0]
@@ -204,11 +319,11 @@ def fbp(geometry: FanBeamGeometry, sinogram: torch.Tensor, filter: str = "shepp-
         dot = -(vx * cb + vy * sb)  # along the central ray
         cross = -cb * vy + sb * vx  # d0 x v with d0 = -(cos b, sin b)
         g = torch.atan2(cross, dot)
-        inv_l2 = (1.0 / (vx**2 + vy**2)).float()
+        inv_l2 = 1.0 / (vx**2 + vy**2)
         u = (g / alpha + centre) / (geometry.n_channels - 1) * 2 - 1
-        rows = torch.arange(nv, dtype=torch.float64, device=device)[:, None].expand_as(u)
+        rows = torch.arange(nv, dtype=torch.float32, device=device)[:, None].expand_as(u)
         vrow = rows / max(nv - 1, 1) * 2 - 1
-        grid = torch.stack((u, vrow), dim=-1).float().unsqueeze(0)  # (1, nv, HW, 2)
+        grid = torch.stack((u, vrow), dim=-1).unsqueeze(0)  # (1, nv, HW, 2)
         # channel k*B + b holds the rows of views a k quarter-turns later
         sino = torch.cat([filtered[:, k * n_v + v0 : k * n_v + v0 + nv] for k in range(n_rot)], 0).unsqueeze(0)
         if nv == 1:
@@ -217,7 +332,11 @@ def fbp(geometry: FanBeamGeometry, sinogram: torch.Tensor, filter: str = "shepp-
             inv_l2 = torch.cat((inv_l2, torch.zeros_like(inv_l2)), 0)
         vals = F.grid_sample(sino, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
         parts += (vals * inv_l2).sum(1).reshape(n_rot, n_b, -1)
+    if pixels is not None:
+        parts = torch.zeros(n_rot, n_b, h * w, dtype=torch.float32, device=device).index_copy_(2, where, parts)
     parts = parts.reshape(n_rot, n_b, h, w)
     image = sum(torch.rot90(parts[k], -k, dims=(1, 2)) for k in range(n_rot))
     image = image * (2 * math.pi / geometry.n_views)
+    if pixels is not None:
+        image = torch.where(pixels, image, torch.zeros_like(image))
     return image[0] if squeeze else image
