@@ -4,7 +4,8 @@ Metal is inserted into the real `ct_abdomen_dicom` series (512 x 512 x 20, 0.98 
 simulator (the speed does not depend on who made the artifact), then `find_artifacts(...,
 artifacts="metal")` is timed: detection, the metal halo, the change NMAR makes (re-projection of
 the trace, back-projection over the patient) and the per-slice gate.  Printed: seconds per slice
-holding metal, the share of rays in the metal trace, and peak memory above the start.
+holding metal, how many of those slices the gate corrected, the streak voxels, and peak memory
+above the start.
 
     python benchmarks/metal_speed.py [--kinds rod,screw,ball,irregular] [--threads 2] [--cache DIR]
 """

@@ -130,9 +130,8 @@ def mar_change(
     NMAR's prior comes from an LI reconstruction at half resolution: the cost is that of the
     trace and of back-projecting ``pixels``, not of two full round trips.
     """
+    _check_method(method)
     img, mask, trace_mask, squeeze = _prepare(image_hu, metal_mask, geometry, trace_mask)
-    if method not in ("li", "nmar"):
-        raise ValueError(f"unknown MAR method {method!r}; choose li or nmar")
     pixels = torch.ones(img.shape[-2:], dtype=torch.bool, device=img.device) if pixels is None else torch.as_tensor(pixels, device=img.device).bool()
     around = enclosing_circle(geometry, pixels)  # the patient: air (zero) around it
     trace = metal_trace(geometry, trace_mask)
@@ -142,24 +141,24 @@ def mar_change(
     sino = project(geometry, mu, rays=needed, support=around)
     corrected = interpolate_trace(sino, trace)
     if method == "nmar":
-        li_img = _coarse_li(geometry, mu, trace_mask, filter, pixels)
-        prior = nmar_prior(li_img, trace_mask)
+        prior = nmar_prior(_coarse_li(geometry, mu, trace_mask, trace, filter, pixels), trace_mask)
         prior_sino = project(geometry, torch.where(pixels, (prior + 1000.0) * MU_SCALE, torch.zeros_like(prior)), rays=needed, support=around)
-        eps = 1e-3 * geometry.ray_step_mm  # rays through air only: keep the ratio finite
-        corrected = interpolate_trace(sino / (prior_sino + eps), trace) * (prior_sino + eps)
+        corrected = _normalised_fill(geometry, sino, prior_sino, trace)
     change = fbp(geometry, corrected - sino, filter=filter, pixels=pixels) / MU_SCALE
     change = torch.where(mask, torch.zeros_like(change), change)
     return change[0] if squeeze else change
 
 
-def _coarse_li(geometry: FanBeamGeometry, mu: torch.Tensor, trace_mask: torch.Tensor, filter: str, pixels: torch.Tensor) -> torch.Tensor:
+def _coarse_li(
+    geometry: FanBeamGeometry, mu: torch.Tensor, trace_mask: torch.Tensor, trace: torch.Tensor, filter: str, pixels: torch.Tensor,
+) -> torch.Tensor:
     """The literature's LI image (HU) for NMAR's prior, made on a scanner with half the pixels, views
     and channels (an eighth of the cost) and brought back to the image grid: the prior only
     classes air, tissue and bone on a smoothed image. A full LI reconstruction, not image + LI
     change: the change cannot cancel the streaks' sharp edges, which the prior then takes for air
     or bone (-3.7 dB on XCIST's steel ball when tried)."""
     if min(geometry.image_shape) < COARSE_LI_FROM_PX:  # small grids: full resolution costs little
-        return fbp(geometry, interpolate_trace(project(geometry, mu), metal_trace(geometry, trace_mask)), filter=filter) / MU_SCALE - 1000.0
+        return fbp(geometry, interpolate_trace(project(geometry, mu), trace), filter=filter) / MU_SCALE - 1000.0
     half = coarser(geometry)
     half = dataclasses.replace(half, n_views=4 * round(geometry.n_views / 8), n_channels=geometry.n_channels // 2)
     small = F.adaptive_avg_pool2d(mu[:, None], half.image_shape)[:, 0]
@@ -170,10 +169,20 @@ def _coarse_li(geometry: FanBeamGeometry, mu: torch.Tensor, trace_mask: torch.Te
     return F.interpolate(image[:, None], size=geometry.image_shape, mode="bilinear", align_corners=False)[:, 0]
 
 
-def _mar_sinograms(image_hu, metal_mask, geometry, method, filter, trace_mask, air_hu=-500.0, bone_hu=350.0):
-    """(image, metal, trace mask, sinogram of the image, its LI/NMAR-corrected copy, squeeze)."""
+def _check_method(method: str) -> None:
     if method not in ("li", "nmar"):
         raise ValueError(f"unknown MAR method {method!r}; choose li or nmar")
+
+
+def _normalised_fill(geometry: FanBeamGeometry, sino: torch.Tensor, prior_sino: torch.Tensor, trace: torch.Tensor) -> torch.Tensor:
+    """NMAR's fill: interpolate the sinogram normalised by the prior's, then undo the normalisation."""
+    eps = 1e-3 * geometry.ray_step_mm  # rays through air only: keep the ratio finite
+    return interpolate_trace(sino / (prior_sino + eps), trace) * (prior_sino + eps)
+
+
+def _mar_sinograms(image_hu, metal_mask, geometry, method, filter, trace_mask, air_hu=-500.0, bone_hu=350.0):
+    """(image, metal, trace mask, sinogram of the image, its LI/NMAR-corrected copy, squeeze)."""
+    _check_method(method)
     img, mask, trace_mask, squeeze = _prepare(image_hu, metal_mask, geometry, trace_mask)
     sino = project(geometry, (img.clamp(min=-1000) + 1000.0) * MU_SCALE)
     trace = metal_trace(geometry, trace_mask)
@@ -183,7 +192,5 @@ def _mar_sinograms(image_hu, metal_mask, geometry, method, filter, trace_mask, a
     li_img = fbp(geometry, li_sino, filter=filter) / MU_SCALE - 1000.0
     prior = nmar_prior(li_img, trace_mask, air_hu, bone_hu)
     prior_sino = project(geometry, (prior + 1000.0) * MU_SCALE)
-    eps = 1e-3 * geometry.ray_step_mm  # rays through air only: keep the ratio finite
-    norm = sino / (prior_sino + eps)
-    corrected = interpolate_trace(norm, trace) * (prior_sino + eps)
+    corrected = _normalised_fill(geometry, sino, prior_sino, trace)
     return img, mask, trace_mask, sino, corrected, squeeze
