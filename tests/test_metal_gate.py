@@ -160,3 +160,19 @@ def test_gate_settings_are_checked():
     for bad in ({"gate": "maybe"}, {"refine": "magic"}, {"gate_threshold": -1}, {"keep_high_frequencies_px": 0}):
         with pytest.raises(MedinpaintError, match="metal"):
             MetalDetection(**bad)
+
+
+def test_the_fan_is_fitted_to_the_patient(abdomen):
+    """A fan covering the patient (not the image's corners) has fewer channels and views, at the same ray spacing, and holds every patient pixel."""
+    from medinpaint.artifacts.metal_correction import geometry_for
+
+    patient = np.zeros(abdomen.shape[:2], bool)
+    h, w = patient.shape
+    patient[h // 4 : 3 * h // 4, w // 5 : w // 2] = True
+    whole, fitted = geometry_for(abdomen, MetalDetection()), geometry_for(abdomen, MetalDetection(), around=patient)
+    assert fitted.n_views < 0.8 * whole.n_views and fitted.n_channels < 0.8 * whole.n_channels
+    spacing = lambda g: g.fov_diameter_mm / g.n_channels  # noqa: E731 - mm between rays at the isocentre
+    assert spacing(fitted) == pytest.approx(spacing(whole), rel=0.02)
+    (sy, sx), (i, j) = fitted.spacing, np.nonzero(patient)
+    assert np.hypot((i - (h - 1) / 2) * sy, (j - (w - 1) / 2) * sx).max() < fitted.fov_diameter_mm / 2
+    assert geometry_for(abdomen, MetalDetection(channels=300, views=200), around=patient).n_channels == 300

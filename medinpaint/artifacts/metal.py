@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from medinpaint.artifacts.metal_correction import METHODS, change_batches, check_ct, corrected_slice, geometry_for
+from medinpaint.artifacts.metal_correction import METHODS, change_batches, check_ct, corrected_slice
 from medinpaint.body import body_mask
 from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError
@@ -42,7 +42,7 @@ class MetalDetection:
     keep_high_frequencies_px: float | None = None  # FSMAR-like: Gaussian sigma (pixels) low-passing the change; None = the full change
     refine: str = "classical"  # classical: the change-only correction; network: refined by the metal model (--method network)
     views: int | str = "auto"  # re-projection views over 360 degrees; auto: as many as channels
-    channels: int | str = "auto"  # detector channels; auto: ~1.44 per pixel across the field (736 for 512 x 0.98 mm)
+    channels: int | str = "auto"  # detector channels; auto: ~1.44 per pixel across the patient (736 for a 500 mm field of 0.98 mm)
     slices_per_batch: int = 4  # slices re-projected together (memory vs speed)
 
     def __post_init__(self) -> None:
@@ -101,9 +101,8 @@ def find_metal_artifacts(
         level = "2500 HU (2800 when clipped at 3071)" if settings.threshold_hu is None else f"{settings.threshold_hu:g} HU"
         raise MedinpaintError(f"--artifacts metal: no metal in this scan (no {settings.min_voxels} connected voxels above {level})")
     if with_metal:
-        geometry = geometry_for(volume, settings)
         ring_px = settings.ring_mm / float(min(volume.spacing[:2]))
-        for ks, image, mask, halo, change in change_batches(slices, metal, with_metal, geometry, settings, method, progress):
+        for ks, image, mask, halo, change in change_batches(volume, slices, metal, with_metal, settings, method, progress):
             for k, img, m, h, c in zip(ks, image, mask, halo, change):
                 decision = slice_gate(img, m, c, ring_px, settings)
                 gate[k] = decision

@@ -37,16 +37,17 @@ def check_ct(volume: Volume) -> None:
         )
 
 
-def geometry_for(volume: Volume, settings: MetalDetection) -> FanBeamGeometry:
+def geometry_for(volume: Volume, settings: MetalDetection, around: np.ndarray | None = None) -> FanBeamGeometry:
     """A fan-beam geometry matching the scan's in-plane grid (axial slices along k).
 
-    With ``auto`` the sampling follows the pixels: a clinical 736 channels x ~720 views for a
-    512 x 512 slice of 0.98 mm, proportionally fewer for coarse grids, where more rays would
-    only cost time.
+    The fan covers ``around`` (bool (H, W), e.g. the patient; default: the whole image, or 500 mm
+    if larger). With ``auto`` the sampling follows the pixels: ~1.44 channels per pixel across
+    that field (736 for a 500 mm field of 0.98 mm pixels) and as many views, so a fan fitted to
+    the patient costs less than one fitted to the image's corners, at the same ray spacing.
     """
     spacing = tuple(float(s) for s in volume.spacing[:2])
     shape = tuple(volume.shape[:2])
-    fov = FanBeamGeometry(shape, spacing).fov_diameter_mm
+    fov = FanBeamGeometry(shape, spacing).fov_diameter_mm if around is None else _field_mm(around, spacing)
     channels = settings.channels
     if channels == "auto":
         channels = max(64, math.ceil(1.44 * fov / min(spacing)))
@@ -56,7 +57,17 @@ def geometry_for(volume: Volume, settings: MetalDetection) -> FanBeamGeometry:
     for name, value in (("views", views), ("channels", channels)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 16:
             raise MedinpaintError(f"metal {name} must be auto or an integer of at least 16, not {value!r}")
-    return FanBeamGeometry(shape, spacing, n_views=views, n_channels=channels)
+    return FanBeamGeometry(shape, spacing, n_views=views, n_channels=channels, fov_mm=fov)
+
+
+def _field_mm(around: np.ndarray, spacing: tuple[float, float], margin_px: float = 2.0) -> float:
+    """Diameter (mm) of the circle about the isocentre that holds every True pixel of ``around``."""
+    (h, w), (sy, sx) = around.shape, spacing
+    i, j = np.nonzero(around)
+    if len(i) == 0:
+        return 2 * margin_px * max(sx, sy)
+    radius = np.sqrt(((j - (w - 1) / 2) * sx) ** 2 + ((i - (h - 1) / 2) * sy) ** 2).max()
+    return 2 * (float(radius) + margin_px * max(sx, sy))
 
 
 def corrected_slice(image: np.ndarray, change: np.ndarray, metal: np.ndarray) -> np.ndarray:
@@ -74,10 +85,11 @@ def patient(images: np.ndarray, metal: np.ndarray, margin_px: int = 8) -> np.nda
     return ndimage.binary_dilation(inside, iterations=margin_px)
 
 
-def change_batches(slices, metal, ks_all: list[int], geometry, settings: MetalDetection, method: str, progress: bool = False):
+def change_batches(volume: Volume, slices, metal, ks_all: list[int], settings: MetalDetection, method: str, progress: bool = False):
     """Yield (slice indices, image, metal, halo, change in HU) for ``ks_all`` of (k, i, j) arrays, a few slices at a time.
 
-    The halo (the metal's bright rim, ``metal.halo_hu``) is re-filled with the metal's rays; the
+    The halo (the metal's bright rim, ``metal.halo_hu``) is re-filled with the metal's rays. Each
+    batch has its own scanner, its fan fitted to the batch's patient (``geometry_for``); the
     change is low-passed by ``metal.keep_high_frequencies_px`` when set (FSMAR-like).
     """
     if method not in METHODS:
@@ -89,8 +101,9 @@ def change_batches(slices, metal, ks_all: list[int], geometry, settings: MetalDe
         halo = np.zeros(mask.shape, dtype=bool)
         if settings.halo_hu is not None:
             halo = metal_halo(image, mask, settings.halo_hu, settings.halo_px)
-        change = mar_change(torch.from_numpy(image), torch.from_numpy(mask), geometry, method=method,
-                            trace_mask=torch.from_numpy(halo), pixels=torch.from_numpy(patient(image, mask))).numpy()
+        inside = patient(image, mask)
+        change = mar_change(torch.from_numpy(image), torch.from_numpy(mask), geometry_for(volume, settings, around=inside),
+                            method=method, trace_mask=torch.from_numpy(halo), pixels=torch.from_numpy(inside)).numpy()
         if settings.keep_high_frequencies_px:
             change = np.stack([ndimage.gaussian_filter(c, settings.keep_high_frequencies_px) for c in change])
         yield ks, image, mask, halo, np.where(mask, 0.0, change).astype(np.float32)
@@ -104,6 +117,5 @@ def metal_corrections(
 
     settings = settings or MetalDetection()
     check_ct(volume)
-    geometry = geometry_for(volume, settings)
-    batches = change_batches(np.moveaxis(volume.array, 2, 0), np.moveaxis(metal, 2, 0), slices, geometry, settings, method)
+    batches = change_batches(volume, np.moveaxis(volume.array, 2, 0), np.moveaxis(metal, 2, 0), slices, settings, method)
     return {k: corrected_slice(i, c, m) for ks, image, mask, _, change in batches for k, i, m, c in zip(ks, image, mask, change)}

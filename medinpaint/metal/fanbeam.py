@@ -83,11 +83,12 @@ class FanBeamGeometry:
 
 
 def coarser(geometry: FanBeamGeometry, factor: int = 2) -> FanBeamGeometry:
-    """The same scanner and rays over the same field, with pixels ``factor`` times larger."""
+    """The same scanner and rays over the same field, with pixels (and the step along each ray)
+    ``factor`` times larger: sampling a ray more finely than its pixels only costs time."""
     (h, w), (sy, sx) = geometry.image_shape, geometry.spacing
     shape = (math.ceil(h / factor), math.ceil(w / factor))
     return dataclasses.replace(geometry, image_shape=shape, spacing_mm=(sy * h / shape[0], sx * w / shape[1]),
-                               fov_mm=geometry.fov_diameter_mm, step_mm=geometry.ray_step_mm)
+                               fov_mm=geometry.fov_diameter_mm, step_mm=geometry.ray_step_mm * factor)
 
 
 def _as_batch(x: torch.Tensor, shape: tuple[int, int], what: str) -> tuple[torch.Tensor, bool]:
@@ -119,9 +120,10 @@ def project(
     Ray-driven: each ray is sampled at ``ray_step_mm`` across the image's circumscribed circle and
     the image is read bilinearly (zero outside), a Joseph-like scheme that grid_sample makes fast.
     ``rays`` (bool, (n_views, n_channels)): only those rays are traced, the rest of the sinogram is
-    zero; metal correction needs the few rays through the metal, not all of them.  With ``rays``,
-    ``support`` (x, y, radius in mm) says that the images are zero outside that circle: each ray is
-    then sampled across the circle only.
+    zero; metal correction needs the few rays through the metal, not all of them.  ``support``
+    (x, y, radius in mm) says that the images are zero outside that circle: each ray is then
+    sampled across the circle only (without ``rays``, across the circle about the isocentre that
+    holds it, so that every view keeps one set of sample points).
     """
     x, squeeze = _as_batch(images, geometry.image_shape, "images")
     x = x.float()
@@ -133,6 +135,8 @@ def project(
     (h, w), (sy, sx) = geometry.image_shape, geometry.spacing
     beta, gamma = geometry.angles(device)
     radius = geometry.image_radius_mm
+    if support is not None:
+        radius = min(radius, math.hypot(support[0], support[1]) + support[2])
     step = geometry.ray_step_mm
     n_s = int(math.ceil(2 * radius / step)) + 1
     n_c = geometry.n_channels

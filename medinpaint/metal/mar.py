@@ -164,7 +164,7 @@ def _coarse_li(
     small = F.adaptive_avg_pool2d(mu[:, None], half.image_shape)[:, 0]
     small_mask = F.adaptive_max_pool2d(trace_mask[:, None].float(), half.image_shape)[:, 0] > 0
     inside = F.adaptive_max_pool2d(pixels[None, None].float(), half.image_shape)[0, 0] > 0
-    li = interpolate_trace(project(half, small), metal_trace(half, small_mask))
+    li = interpolate_trace(project(half, small, support=enclosing_circle(half, inside)), metal_trace(half, small_mask))
     image = fbp(half, li, filter=filter, pixels=inside) / MU_SCALE - 1000.0
     return F.interpolate(image[:, None], size=geometry.image_shape, mode="bilinear", align_corners=False)[:, 0]
 
