@@ -176,3 +176,19 @@ def test_the_fan_is_fitted_to_the_patient(abdomen):
     (sy, sx), (i, j) = fitted.spacing, np.nonzero(patient)
     assert np.hypot((i - (h - 1) / 2) * sy, (j - (w - 1) / 2) * sx).max() < fitted.fov_diameter_mm / 2
     assert geometry_for(abdomen, MetalDetection(channels=300, views=200), around=patient).n_channels == 300
+
+
+def test_voxels_far_darker_than_air_are_raised_and_air_is_not():
+    """Photon starvation leaves voxels far below -1000 HU beside dense metal: the change lifts them to about air; air at -1024 HU stays."""
+    g = FanBeamGeometry((64, 64), 4.0, n_views=96, n_channels=96)
+    yy, xx = np.mgrid[:64, :64]
+    image = np.where(np.hypot(yy - 32, xx - 32) < 24, 40.0, -1024.0).astype(np.float32)
+    metal = np.zeros((64, 64), bool)
+    metal[30:33, 30:33] = True
+    image[metal] = 3000.0
+    image[30:33, 34:36] = -2600.0  # a dark band beside the metal
+    change = mar_change(torch.from_numpy(image), torch.from_numpy(metal), g).numpy()
+    after = image + change
+    assert after[30:33, 34:36].min() > -1100 and after[30:33, 34:36].max() < 1000
+    as_air = mar_change(torch.from_numpy(np.where(image == -1024.0, -1000.0, image)), torch.from_numpy(metal), g).numpy()
+    assert np.array_equal(change[image == -1024.0], as_air[image == -1024.0])  # air at -1024 HU is not lifted to -1000

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from medinpaint.metal.fanbeam import FanBeamGeometry, coarser, enclosing_circle, fbp, project, rays_near
 
 COARSE_LI_FROM_PX = 256  # NMAR's prior is reconstructed at half resolution from slices this large
+DARKER_THAN_AIR_HU = -1100.0  # mar_change raises voxels below this to air: no noise makes them, metal does
 MU_SCALE = 1.0 / 1000.0  # projections are of (HU + 1000) / 1000: water = 1, air = 0
 
 
@@ -124,7 +125,8 @@ def mar_change(
     ("reconstruct only the change") keeps the image's own sharpness and noise wherever the
     change is small, instead of the blur of a full project/FBP round trip. Zero on the metal,
     which is always kept as acquired, and outside ``pixels`` (bool (H, W), default all: the
-    patient), where the image is taken as air.
+    patient), where the image is taken as air. Inside ``pixels`` it also raises voxels below
+    ``DARKER_THAN_AIR_HU`` to air (-1000 HU), as the sinograms see them.
 
     Only the rays through the trace and its two neighbours are projected at full resolution, and
     NMAR's prior comes from an LI reconstruction at half resolution: the cost is that of the
@@ -145,6 +147,11 @@ def mar_change(
         prior_sino = project(geometry, torch.where(pixels, (prior + 1000.0) * MU_SCALE, torch.zeros_like(prior)), rays=needed, support=around)
         corrected = _normalised_fill(geometry, sino, prior_sino, trace)
     change = fbp(geometry, corrected - sino, filter=filter, pixels=pixels) / MU_SCALE
+    # The sinograms are of the image raised to air (-1000 HU). Voxels far darker than air (photon
+    # starvation beside dense metal: -2700 HU on XCIST's silver) are artifact by definition, and the
+    # change raises them to air too; air's own noise (and -1024 HU air) is left as acquired.
+    dark = pixels & (img < DARKER_THAN_AIR_HU)
+    change = change + torch.where(dark, -1000.0 - img, torch.zeros_like(img))
     change = torch.where(mask, torch.zeros_like(change), change)
     return change[0] if squeeze else change
 
