@@ -17,7 +17,18 @@ from medinpaint.metal.fanbeam import FanBeamGeometry, coarser, enclosing_circle,
 
 COARSE_LI_FROM_PX = 256  # NMAR's prior is reconstructed at half resolution from slices this large
 DARKER_THAN_AIR_HU = -1100.0  # mar_change raises voxels below this to air: no noise makes them, metal does
+AIR_HU = -1000.0
 MU_SCALE = 1.0 / 1000.0  # projections are of (HU + 1000) / 1000: water = 1, air = 0
+
+
+def _mu(hu: torch.Tensor) -> torch.Tensor:
+    """HU -> what the projector integrates (air 0, water 1)."""
+    return (hu - AIR_HU) * MU_SCALE
+
+
+def _fbp_hu(geometry: FanBeamGeometry, sinogram: torch.Tensor, filter: str, pixels=None) -> torch.Tensor:
+    """FBP of a sinogram of ``_mu`` values, in HU."""
+    return fbp(geometry, sinogram, filter=filter, pixels=pixels) / MU_SCALE + AIR_HU
 
 
 def _as_mask(mask, img: torch.Tensor, name: str) -> torch.Tensor:
@@ -67,7 +78,7 @@ def _finish(corrected, img, mask, geometry, filter, squeeze):
     # The literature's LI/NMAR: a plain FBP of the corrected sinogram (every voxel re-made, and
     # blurred by the round trip). ``mar_change`` gives img + FBP(corrected - original) instead,
     # which the correction uses only where that change is significant (issue 17).
-    out = fbp(geometry, corrected, filter=filter) / MU_SCALE - 1000.0
+    out = _fbp_hu(geometry, corrected, filter)
     out = torch.where(mask, img, out)
     return out[0] if squeeze else out
 
@@ -97,7 +108,7 @@ def nmar_prior(li_image_hu: torch.Tensor, metal_mask: torch.Tensor, air_hu: floa
     Thresholds act on a lightly smoothed LI image so that residual streaks do not flip classes.
     """
     smooth = _smooth(li_image_hu, sigma_px)
-    prior = torch.where(smooth < air_hu, torch.full_like(smooth, -1000.0), torch.zeros_like(smooth))
+    prior = torch.where(smooth < air_hu, torch.full_like(smooth, AIR_HU), torch.zeros_like(smooth))
     prior = torch.where(smooth > bone_hu, li_image_hu, prior)
     return torch.where(metal_mask, torch.zeros_like(prior), prior)
 
@@ -139,19 +150,19 @@ def mar_change(
     trace = metal_trace(geometry, trace_mask)
     needed = trace.any(0)
     needed = needed | F.pad(needed[:, 1:], (0, 1)) | F.pad(needed[:, :-1], (1, 0))  # the clean bins the interpolation reads
-    mu = torch.where(pixels, (img.clamp(min=-1000) + 1000.0) * MU_SCALE, torch.zeros_like(img))
+    mu = torch.where(pixels, _mu(img.clamp(min=AIR_HU)), torch.zeros_like(img))
     sino = project(geometry, mu, rays=needed, support=around)
     corrected = interpolate_trace(sino, trace)
     if method == "nmar":
         prior = nmar_prior(_coarse_li(geometry, mu, trace_mask, trace, filter, pixels), trace_mask)
-        prior_sino = project(geometry, torch.where(pixels, (prior + 1000.0) * MU_SCALE, torch.zeros_like(prior)), rays=needed, support=around)
+        prior_sino = project(geometry, torch.where(pixels, _mu(prior), torch.zeros_like(prior)), rays=needed, support=around)
         corrected = _normalised_fill(geometry, sino, prior_sino, trace)
     change = fbp(geometry, corrected - sino, filter=filter, pixels=pixels) / MU_SCALE
-    # The sinograms are of the image raised to air (-1000 HU). Voxels far darker than air (photon
+    # The sinograms are of the image raised to air (AIR_HU). Voxels far darker than air (photon
     # starvation beside dense metal: -2700 HU on XCIST's silver) are artifact by definition, and the
     # change raises them to air too; air's own noise (and -1024 HU air) is left as acquired.
     dark = pixels & (img < DARKER_THAN_AIR_HU)
-    change = change + torch.where(dark, -1000.0 - img, torch.zeros_like(img))
+    change = change + torch.where(dark, AIR_HU - img, torch.zeros_like(img))
     change = torch.where(mask, torch.zeros_like(change), change)
     return change[0] if squeeze else change
 
@@ -165,14 +176,14 @@ def _coarse_li(
     change: the change cannot cancel the streaks' sharp edges, which the prior then takes for air
     or bone (-3.7 dB on XCIST's steel ball when tried)."""
     if min(geometry.image_shape) < COARSE_LI_FROM_PX:  # small grids: full resolution costs little
-        return fbp(geometry, interpolate_trace(project(geometry, mu), trace), filter=filter) / MU_SCALE - 1000.0
+        return _fbp_hu(geometry, interpolate_trace(project(geometry, mu), trace), filter)
     half = coarser(geometry)
     half = dataclasses.replace(half, n_views=4 * round(geometry.n_views / 8), n_channels=geometry.n_channels // 2)
     small = F.adaptive_avg_pool2d(mu[:, None], half.image_shape)[:, 0]
     small_mask = F.adaptive_max_pool2d(trace_mask[:, None].float(), half.image_shape)[:, 0] > 0
     inside = F.adaptive_max_pool2d(pixels[None, None].float(), half.image_shape)[0, 0] > 0
     li = interpolate_trace(project(half, small, support=enclosing_circle(half, inside)), metal_trace(half, small_mask))
-    image = fbp(half, li, filter=filter, pixels=inside) / MU_SCALE - 1000.0
+    image = _fbp_hu(half, li, filter, pixels=inside)
     return F.interpolate(image[:, None], size=geometry.image_shape, mode="bilinear", align_corners=False)[:, 0]
 
 
@@ -191,13 +202,13 @@ def _mar_sinograms(image_hu, metal_mask, geometry, method, filter, trace_mask, a
     """(image, metal, trace mask, sinogram of the image, its LI/NMAR-corrected copy, squeeze)."""
     _check_method(method)
     img, mask, trace_mask, squeeze = _prepare(image_hu, metal_mask, geometry, trace_mask)
-    sino = project(geometry, (img.clamp(min=-1000) + 1000.0) * MU_SCALE)
+    sino = project(geometry, _mu(img.clamp(min=AIR_HU)))
     trace = metal_trace(geometry, trace_mask)
     li_sino = interpolate_trace(sino, trace)
     if method == "li":
         return img, mask, trace_mask, sino, li_sino, squeeze
-    li_img = fbp(geometry, li_sino, filter=filter) / MU_SCALE - 1000.0
+    li_img = _fbp_hu(geometry, li_sino, filter)
     prior = nmar_prior(li_img, trace_mask, air_hu, bone_hu)
-    prior_sino = project(geometry, (prior + 1000.0) * MU_SCALE)
+    prior_sino = project(geometry, _mu(prior))
     corrected = _normalised_fill(geometry, sino, prior_sino, trace)
     return img, mask, trace_mask, sino, corrected, squeeze
