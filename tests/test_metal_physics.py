@@ -85,6 +85,8 @@ def test_partial_projection_and_back_projection_match_the_full_ones(shape, spaci
     for traced in (part, project(g, blob, rays=rays, support=circle)):
         error = (traced - full)[:, rays].abs() / float(full.max())  # samples shifted along the ray: edges move by < 1 %
         assert float(error.max()) < 0.02 and float(error.mean()) < 1e-3
+    error = (project(g, blob, support=circle) - full).abs() / float(full.max())  # every ray, across the circle about the isocentre
+    assert float(error.max()) < 0.02 and float(error.mean()) < 1e-3
     metal = torch.zeros(h, w, dtype=torch.bool)
     metal[h // 3 : h // 3 + 3, w // 2 : w // 2 + 4] = True
     touched = project(g, metal.float()) > 1e-3 * g.ray_step_mm
@@ -98,6 +100,7 @@ def test_partial_projection_and_back_projection_match_the_full_ones(shape, spaci
     assert torch.allclose(some[:, pixels], whole[:, pixels], atol=1e-5 * float(whole.abs().max())) and not some[:, ~pixels].any()
     c = coarser(g)
     assert c.channel_spacing_rad == g.channel_spacing_rad and c.image_radius_mm == pytest.approx(g.image_radius_mm)
+    assert c.ray_step_mm == pytest.approx(2 * g.ray_step_mm)  # rays sampled at the coarse pixels' size
 
 
 def test_geometry_and_argument_errors():
