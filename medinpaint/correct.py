@@ -18,6 +18,7 @@ from medinpaint.inpaint.classical import classical_fill
 from medinpaint.inpaint.gate import gated_fill
 from medinpaint.inpaint.inference import network_fill, pick_device, set_cpu_threads
 from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, load_model
+from medinpaint.metal.mar import DARKER_THAN_AIR_HU
 
 METHODS = ("network", "classical")
 
@@ -182,7 +183,8 @@ def _fill_streaks(
     for k in ks:
         inside = streaks[:, :, k]
         filled[:, :, k][inside] = corrected[k][inside]
-    parameters: dict = {"streaks": "image + FBP of the change NMAR (Meyer et al. 2010) makes in the metal trace of the re-projected slice",
+    parameters: dict = {"streaks": "image + FBP of the change NMAR (Meyer et al. 2010) makes in the metal trace of the re-projected slice; "
+                                   f"voxels below {DARKER_THAN_AIR_HU:g} HU (photon starvation) raised to air",
                         "slices_with_streaks": ks, "halo_hu": settings.metal.halo_hu, "halo_px": settings.metal.halo_px,
                         "keep_high_frequencies_px": settings.metal.keep_high_frequencies_px, "gate": settings.metal.gate}
     refine = settings.metal.refine == "network" or metal_model is not None or bool(networks and "metal" in networks)

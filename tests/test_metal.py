@@ -83,6 +83,7 @@ def test_classical_correction_reduces_the_error_and_keeps_the_rest(steel_ball):
     # the old full NMAR round trip here (0.83 of the RMSE measured, was < 0.7), without its blur elsewhere
     assert after["rmse"] < 0.9 * before["rmse"], (before, after)
     assert result.parameters["metal"]["slices_with_streaks"]
+    assert "below -1100 HU (photon starvation) raised to air" in result.parameters["metal"]["streaks"]  # the provenance names every step that writes voxels
 
 
 def test_metal_simulate_and_correct_on_the_cli(cli, tmp_path, abdomen):
