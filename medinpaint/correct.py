@@ -85,7 +85,9 @@ def correct(
         raise MedinpaintError("every voxel is flagged as broken; there is nothing left to repair from")
     whole_slices = sorted(artifacts.bad_slices)
     streaks = artifacts.labels == ArtifactKind.METAL_STREAK
-    others = holes & ~streaks if streaks.any() else holes
+    if not streaks.any():
+        streaks = None  # no mask of nothing held through the fill
+    others = holes & ~streaks if streaks is not None else holes
     spread = None
     model_info = slices_info = None
     parameters: dict = {"artifacts_found_by": artifacts.sources}
@@ -129,7 +131,7 @@ def correct(
                 "registered_slices": info.registered_input,  # motion-compensated interpolation as a second view
                 "uncertainty": "flip TTA (axes i, j)" if uncertainty else None,
             }
-    if streaks.any():
+    if streaks is not None:
         parameters["metal"], metal_spread = _fill_streaks(
             filled, volume, artifacts, streaks, method, settings, device, progress, uncertainty, metal_model, networks
         )

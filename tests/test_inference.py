@@ -188,3 +188,27 @@ def test_batch_size_from_free_memory():
     assert batch_for_memory(2 * 2**30, roi) < batch_for_memory(8 * 2**30, roi) <= batch_for_memory(80 * 2**30, roi) == 16
     with pytest.raises(MedinpaintError, match="sw_batch_size"):
         sw_batch_size(0, torch.device("cpu"), roi)
+
+
+def test_kept_slices_and_reused_registration_give_the_full_fill_of_those_slices():
+    """The gate scores a few slices: keep_slices returns just them (no copy of the scan), skips crops
+    without one, and reused registered planes change nothing."""
+    net = InpaintingUNet(_random_net(2).features, registered_input=True).eval()
+    array = procedural_volume(5, (48, 48, 64), "CT").astype(np.float32)
+    bad = [10, 11, 40, 58]  # two far apart groups: the crop around 40 is not run for slices 10 and 11
+    holes = np.zeros(array.shape, bool)
+    holes[:, :, bad] = True
+    holes[5:9, 5:9, 30] = True  # a hole that is not a whole slice, in no kept crop
+    settings = InferenceSettings(roi_size=(32, 32, 16), context_voxels=4)
+    cpu = torch.device("cpu")
+    full = network_fill(array, holes, bad, "CT", net, settings, cpu, slice_prefill="linear")
+    kept = network_fill(array, holes, bad, "CT", net, settings, cpu, slice_prefill="linear", keep_slices=[10, 11])
+    assert kept.shape == (48, 48, 2)
+    np.testing.assert_array_equal(kept, full[:, :, [10, 11]])
+    planes = registered_slices(array, bad, wanted=[10])
+    assert sorted(planes) == [10, 11]  # the whole gap holding the wanted slice, no other gap
+    reused = network_fill(array, holes, bad, "CT", net, settings, cpu, slice_prefill="linear", keep_slices=[10, 11],
+                          registered_planes={k: p + 100.0 for k, p in planes.items()})
+    assert not np.array_equal(reused, kept)  # the planes given are the ones read
+    with pytest.raises(MedinpaintError, match="keep_slices"):
+        network_fill(array, holes, bad, "CT", net, settings, cpu, keep_slices=[10], flip_axes=(0,))

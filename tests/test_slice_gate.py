@@ -216,3 +216,20 @@ def test_gate_keeps_cubic_on_a_resampled_volume_with_dense_runs():
     cubic = interpolate_slices(damaged.array, bad, "cubic")[:, :, bad]
     assert np.abs(written - cubic).max() <= 1.0 or _rmse(written, truth[:, :, bad]) < _rmse(cubic, truth[:, :, bad])
     assert _rmse(written, truth[:, :, bad]) < _rmse(interpolate_slices(damaged.array, bad, "linear")[:, :, bad], truth[:, :, bad])
+
+
+def test_scored_body_in_chunks_equals_the_whole_volumes_body():
+    """The gate finds the body a few slices at a time (no full-volume mask beside the scan); the
+    3D opening reads two slices on each side, so the chunks must give the whole volume's answer."""
+    from medinpaint.body import body_mask
+    from medinpaint.inpaint.gate import scored_body
+
+    scan = medinpaint.load(shared("ct_abdomen_dicom")).array[::4, ::4, :]
+    scan = scan.copy()
+    scan[20:40, 20:40, 7] = -1000.0  # a hole in one slice that the opening sees from its neighbours
+    whole = body_mask(scan, -500.0, slice_axis=2, largest_only=False, opening=True)
+    hidden = [0, 3, 4, 7, 8, 19]
+    for chunk in (1, 3, 5, 32):
+        body, data_range = scored_body(scan, "CT", hidden, chunk=chunk)
+        np.testing.assert_array_equal(body, whole[:, :, hidden])
+        assert data_range == pytest.approx(float(np.ptp(scan[whole])))

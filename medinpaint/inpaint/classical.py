@@ -166,13 +166,16 @@ def harmonic_fill(array: np.ndarray, mask: np.ndarray, iterations: int = 300) ->
     return out
 
 
-def classical_fill(array: np.ndarray, whole_slices: list[int], other: np.ndarray, order: str = "linear") -> np.ndarray:
-    """Slices by interpolation along k, then every other masked voxel by harmonic fill."""
+def classical_fill(array: np.ndarray, whole_slices: list[int], other: np.ndarray | None, order: str = "linear") -> np.ndarray:
+    """Slices by interpolation along k, then every other masked voxel (``other``, None for none) by harmonic fill."""
     filled = interpolate_slices(array, whole_slices, order=order)
-    other = other.copy()
-    other[:, :, whole_slices] = False
-    other |= ~np.isfinite(filled)  # NaN voxels of valid slices spread into interpolated ones
-    return harmonic_fill(filled, other) if other.any() else filled
+    holes = np.isfinite(filled)
+    np.logical_not(holes, out=holes)  # NaN voxels of valid slices spread into interpolated ones
+    if other is not None:
+        np.logical_or(holes, other, out=holes)
+        for k in whole_slices:  # interpolated: only what is still not finite there
+            holes[:, :, k] = ~np.isfinite(filled[:, :, k])
+    return harmonic_fill(filled, holes) if holes.any() else filled
 
 
 def pushpull_fill(image: torch.Tensor, mask: torch.Tensor, smooth_iterations: int = 10) -> torch.Tensor:

@@ -199,36 +199,62 @@ def decide(sse: dict[str, np.ndarray], classical: tuple[str, ...], default: str,
     return choice, record | {"choice": choice, "why": why}
 
 
-def classical_left_out(base: np.ndarray, bad_slices: list[int], hidden: list[int], methods: tuple[str, ...]) -> tuple[np.ndarray, dict]:
+def classical_left_out(scan: np.ndarray, bad_slices: list[int], hidden: list[int], methods: tuple[str, ...],
+                       registered: dict[int, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
     """The truth of the left-out slices and each classical method's prediction from the acquired
-    slices that remain (never the real gaps), as (X, Y, len(hidden)) slabs."""
+    slices that remain (never the real gaps, which ``scan`` may hold blank), as (X, Y, len(hidden))
+    slabs; ``registered`` is ``left_out_registered``'s result when the caller already has it."""
     bad = set(bad_slices)
-    valid = [k for k in range(base.shape[2]) if k not in bad]
+    valid = [k for k in range(scan.shape[2]) if k not in bad]
     orders = tuple(m for m in methods if m in ("linear", "cubic"))
-    truth, predicted = left_out(base, valid, hidden, orders or ("linear",))
+    truth, predicted = left_out(scan, valid, hidden, orders or ("linear",))
     predicted = {m: predicted[m] for m in orders}
     if "registered" in methods:
-        remaining = [v for v in valid if v not in set(hidden)]
-        planes: dict[int, np.ndarray] = {}
-        for k in hidden:  # only the two acquired slices around each gap are registered
-            if k in planes:
-                continue
-            lo, hi = max(v for v in remaining if v < k), min(v for v in remaining if v > k)
-            found = registered_slices(base[:, :, lo : hi + 1], list(range(1, hi - lo)))
-            planes |= {lo + n: plane for n, plane in found.items() if lo + n in set(hidden)}
+        planes = registered if registered is not None else left_out_registered(scan, bad_slices, hidden)
         predicted["registered"] = np.stack([planes[k].astype(np.float64) for k in hidden], axis=-1)
     return truth, predicted
 
 
+def left_out_registered(scan: np.ndarray, bad_slices: list[int], hidden: list[int]) -> dict[int, np.ndarray]:
+    """The left-out slices filled by motion-compensated interpolation between the acquired slices
+    around them (only their gaps are registered); the network's registered input reuses them."""
+    return registered_slices(scan, sorted(set(bad_slices) | set(hidden)), wanted=hidden)
+
+
 def network_left_out(array: np.ndarray, holes: np.ndarray, bad_slices: list[int], hidden: list[int], modality: str,
-                     net: InpaintingUNet, info: ModelInfo, inference: InferenceSettings, device: torch.device) -> np.ndarray:
+                     net: InpaintingUNet, info: ModelInfo, inference: InferenceSettings, device: torch.device,
+                     registered: dict[int, np.ndarray] | None = None) -> np.ndarray:
     """The network's fill of the left-out slices, the real holes missing as well (it never reads either:
-    holes are zeroed before it sees them)."""
+    holes are zeroed before it sees them); only the crops around the left-out slices are run."""
     mask = holes.copy()
     mask[:, :, hidden] = True
     out = network_fill(array, mask, sorted(set(bad_slices) | set(hidden)), modality, net, inference, device,
-                       slice_prefill=info.slice_prefill)
-    return out[:, :, hidden].astype(np.float64)
+                       slice_prefill=info.slice_prefill, keep_slices=hidden, registered_planes=registered)
+    return out.astype(np.float64)
+
+
+def scored_body(base: np.ndarray, modality: str, hidden: list[int], chunk: int = 32) -> tuple[np.ndarray, float]:
+    """The body (as metrics.py finds it) in the ``hidden`` slices, as (X, Y, len(hidden)), and the
+    scan's range inside the whole body.  Found ``chunk`` slices at a time, each read with the two
+    slices on either side that its 3D opening depends on, so that it equals the mask of the whole
+    volume without holding one beside the scan."""
+    threshold = body_threshold(base, modality)
+    n_k = base.shape[2]
+    position = {k: n for n, k in enumerate(hidden)}
+    body = np.zeros(base.shape[:2] + (len(hidden),), bool)
+    low, high = np.inf, -np.inf
+    for a in range(0, n_k, chunk):
+        b = min(a + chunk, n_k)
+        a0, b0 = max(a - 2, 0), min(b + 2, n_k)
+        part = body_mask(base[:, :, a0:b0], threshold, slice_axis=2, largest_only=False, opening=True)[:, :, a - a0 : b - a0]
+        if part.any():
+            values = base[:, :, a:b]
+            low = min(low, float(np.min(values, where=part, initial=np.inf)))
+            high = max(high, float(np.max(values, where=part, initial=-np.inf)))
+        for k in range(a, b):
+            if k in position:
+                body[:, :, position[k]] = part[:, :, k - a]
+    return body, (high - low if high >= low else 0.0)
 
 
 def gated_fill(
@@ -289,6 +315,7 @@ def gated_fill(
             raise MedinpaintError(f"--save-adapted: no adaptation ran ({why_steps})")
     networks = {"network": net} | ({"adapted network": adapted} if adapted is not None else {})
     if not picks:
+        del base  # nothing is scored
         if gate.enabled:
             choice = gate.default
             why = f"no acquired slices could be left out away from the gaps: nothing measured, so the default {choice} is written"
@@ -297,26 +324,30 @@ def gated_fill(
             why = "gate off and no acquired slices could be left out: the network is written unmeasured"
         record |= {"choice": choice, "why": why}
     else:
-        body = body_mask(base, body_threshold(base, modality), slice_axis=2, largest_only=False, opening=True)  # as metrics.py
+        body, data_range = scored_body(base, modality, hidden)
         record["scored_inside"] = "left-out slices, inside the body"
-        if not body[:, :, hidden].any():
-            body = np.ones_like(body)
+        if not body.any():
+            body[...] = True
+            data_range = float(np.ptp(base))
             record["scored_inside"] = "left-out slices (no body voxels in them)"
-        data_range = float(np.ptp(base[body]))
+        del base  # the networks run on the scan as acquired
         methods = (tuple(gate.classical) if gate.enabled else ()) + tuple(networks)
         sse = {name: [] for name in methods}  # per pick, in the order of ``picks``
         voxels = []
         for picked in rounds:
             round_hidden = sorted(k for run in picked for k in run)
+            registered = left_out_registered(array, whole_slices, round_hidden) if info.registered_input or (
+                gate.enabled and "registered" in gate.classical) else None
             if gate.enabled:
-                truth, predicted = classical_left_out(base, whole_slices, round_hidden, gate.classical)
+                truth, predicted = classical_left_out(array, whole_slices, round_hidden, gate.classical, registered)
             else:  # adaptation alone: only the networks are scored, before and after
-                truth, predicted = base[:, :, round_hidden].astype(np.float64), {}
+                truth, predicted = array[:, :, round_hidden].astype(np.float64), {}
             for name, model in networks.items():
-                predicted[name] = network_left_out(array, others, whole_slices, round_hidden, modality, model, info, inference, device)
+                predicted[name] = network_left_out(array, others, whole_slices, round_hidden, modality, model, info, inference,
+                                                   device, registered)
             for run in picked:
                 columns = [round_hidden.index(k) for k in run]
-                region = body[:, :, run]
+                region = body[:, :, [hidden.index(k) for k in run]]
                 voxels.append(int(region.sum()))
                 for name in methods:
                     errors = predicted[name][:, :, columns][region] - truth[:, :, columns][region]
@@ -342,7 +373,6 @@ def gated_fill(
             choice, decision = decide({name: values[scored] for name, values in sse.items()}, gate.classical, gate.default,
                                       net_name, gate.margin_db, gate.confidence, gate.seed)
             record |= decision
-    del base
     record["seconds"] = round(time.perf_counter() - started, 2)
     log.info("slice gate: %s (%s)", record["choice"], record["why"])
     chosen_net = networks.get(choice)
@@ -351,11 +381,12 @@ def gated_fill(
                            flip_axes=flip_axes, slice_prefill=info.slice_prefill, run_info=run_info)
         filled, spread = out if flip_axes else (out, None)
         return filled, spread, record
-    filled = write_classical(array, whole_slices, others, choice)
-    rest = others.copy()
-    rest[:, :, whole_slices] = False
+    filled = write_classical(array, whole_slices, choice)
     spread = np.zeros(array.shape, np.float32) if flip_axes else None
-    if rest.any():  # holes other than whole slices: the gate does not measure them, the network fills them as before
+    if any(others[:, :, k].any() for k in sorted(set(range(array.shape[2])) - set(whole_slices))):
+        # holes other than whole slices: the gate does not measure them, the network fills them as before
+        rest = others.copy()
+        rest[:, :, whole_slices] = False
         out = network_fill(filled, rest, [], modality, net, inference, device, progress=progress, flip_axes=flip_axes,
                            run_info=run_info)
         filled, spread = out if flip_axes else (out, None)
@@ -365,10 +396,9 @@ def gated_fill(
     return filled, spread, record
 
 
-def write_classical(array: np.ndarray, whole_slices: list[int], others: np.ndarray, method: str) -> np.ndarray:
+def write_classical(array: np.ndarray, whole_slices: list[int], method: str) -> np.ndarray:
     """The whole slices filled by ``method``; other holes are left for the caller (their values are unchanged)."""
     if method in ("linear", "cubic"):
-        only_slices = np.zeros(others.shape, bool)
-        return classical_fill(array, whole_slices, only_slices, order=method)
-    filled = classical_fill(array, whole_slices, np.zeros(others.shape, bool), order="linear")
+        return classical_fill(array, whole_slices, None, order=method)
+    filled = classical_fill(array, whole_slices, None, order="linear")
     return with_registered_slices(filled, array, whole_slices)

@@ -72,6 +72,8 @@ def network_fill(
     run_info: dict | None = None,
     holes_prefilled: bool = False,
     original: np.ndarray | None = None,
+    keep_slices: list[int] | None = None,
+    registered_planes: dict[int, np.ndarray] | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Return ``array`` with ``holes`` filled by the network (values in the input's units).
 
@@ -81,19 +83,28 @@ def network_fill(
     any out-of-memory retries).  With ``holes_prefilled`` the holes of ``array`` already
     hold the network's starting point (e.g. an NMAR correction) and are refined as they are.
     ``original`` (same grid) is the scan as acquired, for a model that reads it too.
+    With ``keep_slices`` only those slices are returned, as (X, Y, len(keep_slices)), and only the
+    crops that hold one of them are run: a caller that scores a few slices needs no copy of the scan.
+    ``registered_planes`` are missing slices already filled by ``registered_slices`` (the same call
+    on the same scan and gaps), reused instead of registered again.
     """
+    if keep_slices is not None and flip_axes:
+        raise MedinpaintError("keep_slices returns no uncertainty map: leave flip_axes empty")
     reads_original = getattr(model, "original_input", False)  # wrappers without the flag read no original
     if reads_original != (original is not None):
         raise MedinpaintError("this model reads the original scan; pass it" if reads_original
                               else "this model does not read the original scan")
     if not holes.any():
-        return (array.copy(), np.zeros(array.shape, np.float32)) if flip_axes else array.copy()
+        return (array.copy(), np.zeros(array.shape, np.float32)) if flip_axes else (array.copy() if keep_slices is None else array[:, :, keep_slices].copy())
     roi = tuple(int(r) for r in settings.roi_size)
     if any(r % SIZE_DIVISOR for r in roi):
         raise MedinpaintError(f"roi_size {roi} must be a multiple of {SIZE_DIVISOR} on every axis")
     margins = [min(settings.context_voxels, (r - 1) // 2) for r in roi]
     boxes = hole_boxes(holes, margins)  # before any copy of the volume: labelling needs its own
-    normalizer = Normalizer.for_volume(array, modality, valid=~holes)
+    kept = {k: n for n, k in enumerate(keep_slices)} if keep_slices is not None else None
+    if kept is not None:
+        boxes = [box for box in boxes if any(k in kept for k in range(box[2].start, box[2].stop))]
+    normalizer = Normalizer.for_volume(array, modality, holes=holes)
 
     def network_input(index: tuple[slice, ...]) -> np.ndarray:
         # Only crops are normalised, never the whole volume: one copy of the scan (the result) is enough.
@@ -105,7 +116,11 @@ def network_fill(
     bad = set(whole_slices)
     valid_slices = [k for k in range(array.shape[2]) if k not in bad]
     # Whole missing slices only (2D planes, not a copy of the scan); other holes see the pre-fill there.
-    registered = registered_slices(array, whole_slices, progress) if getattr(model, "registered_input", False) else None
+    registered = None
+    if getattr(model, "registered_input", False):
+        registered = dict(registered_planes or {})
+        wanted = [k for k in whole_slices if k not in registered and any(b[2].start <= k < b[2].stop for b in boxes)]
+        registered |= registered_slices(array, whole_slices, progress, wanted=wanted) if wanted else {}
     order = slice_prefill
     if slice_prefill == "auto" and whole_slices:
         order = choose_slice_order(array, valid_slices, read=lambda ks: network_input((slice(None), slice(None), ks)))
@@ -129,7 +144,7 @@ def network_fill(
             out[has_hole] = model(x[has_hole, :1], x[has_hole, 1:2], *extra).to(out.dtype)
         return out
 
-    result = array.astype(np.float32, copy=True)
+    result = array.astype(np.float32, copy=True) if kept is None else array[:, :, keep_slices].astype(np.float32, copy=False)
     spread = np.zeros(array.shape, dtype=np.float32) if flip_axes else None
     bar = tqdm(total=len(boxes) * (1 + len(flip_axes)), desc="inpainting", unit="region", disable=not progress or len(boxes) < 2)
     for box in boxes:
@@ -170,13 +185,26 @@ def network_fill(
             bar.update(1)
         runs = 1 + len(flip_axes)
         mean = total / runs
-        result[box][inside] = normalizer.inverse(mean)
+        if kept is None:
+            result[box][inside] = normalizer.inverse(mean)
+        else:
+            _write_kept(result, kept, box, inside, normalizer.inverse(mean))
         if spread is not None:
             spread[box][inside] = np.sqrt(np.maximum(squares / runs - mean**2, 0.0)) * normalizer.scale
     bar.close()
     if run_info is not None:
         run_info |= {"sw_batch_size": batch, "stitch_device": str(stitch_device)}
     return (result, spread) if flip_axes else result
+
+
+def _write_kept(result: np.ndarray, kept: dict[int, int], box: tuple[slice, ...], inside: np.ndarray, values: np.ndarray) -> None:
+    """Write the box's hole ``values`` (in ``inside`` order) into those of its slices that ``result`` keeps."""
+    block = np.zeros(inside.shape, np.float32)
+    block[inside] = values
+    for k in range(box[2].start, box[2].stop):
+        if k in kept:
+            where = inside[:, :, k - box[2].start]
+            result[box[0], box[1], kept[k]][where] = block[:, :, k - box[2].start][where]
 
 
 # Activation memory per window voxel of the shipped UNet under autocast, with headroom (measured

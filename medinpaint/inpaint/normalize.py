@@ -21,14 +21,15 @@ class Normalizer:
     clip: tuple[float, float] | None = None
 
     @classmethod
-    def for_volume(cls, array: np.ndarray, modality: str, valid: np.ndarray | None = None) -> "Normalizer":
+    def for_volume(cls, array: np.ndarray, modality: str, holes: np.ndarray | None = None) -> "Normalizer":
+        """``holes`` (same grid) are left out of the MR percentiles."""
         if modality == "CT":
             return cls(offset=-1024.0, scale=1024.0, clip=CT_RANGE)
         # A strided sample (every voxel of scans up to ~16 M voxels) keeps the percentiles and
-        # spares a full copy of a large scan.
+        # spares a full copy of a large scan (and of its mask: the sample is taken first).
         step = math.ceil(math.sqrt(array.size / 2**24))
         sample = array[::step, ::step]
-        values = sample[valid[::step, ::step]] if valid is not None else sample.ravel()
+        values = sample[~holes[::step, ::step]] if holes is not None else sample.ravel()
         values = values[np.isfinite(values)]
         high = float(np.percentile(values, 99.5)) if values.size else 1.0
         low = float(min(0.0, np.percentile(values, 0.5))) if values.size else 0.0

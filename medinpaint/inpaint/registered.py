@@ -10,6 +10,8 @@ to trust it over interpolation.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import map_coordinates
@@ -22,11 +24,13 @@ SMOOTHING = 3.0  # Gaussian smoothing of the displacement field, in pixels of th
 LEVELS = (4, 2, 1)  # pyramid shrink factors, coarse to fine
 
 
-def registered_slices(array: np.ndarray, bad_slices: list[int], progress: bool = False) -> dict[int, np.ndarray]:
+def registered_slices(array: np.ndarray, bad_slices: list[int], progress: bool = False,
+                      wanted: Collection[int] | None = None) -> dict[int, np.ndarray]:
     """Each bad slice (last axis) filled from its nearest valid slices, following their motion.
 
     A slice with valid slices on one side only gets a copy of the nearest, as in
-    ``interpolate_slices``.  Only valid slices are read; NaNs in them count as 0.
+    ``interpolate_slices``.  Only valid slices are read; NaNs in them count as 0.  With
+    ``wanted``, only the gaps that hold one of those slices are registered (all of each such gap).
     """
     bad = set(bad_slices)
     valid = [k for k in range(array.shape[2]) if k not in bad]
@@ -34,6 +38,9 @@ def registered_slices(array: np.ndarray, bad_slices: list[int], progress: bool =
     for k in sorted(bad):
         below, above = valid_neighbours(valid, k)
         gaps.setdefault((below[-1] if below else None, above[0] if above else None), []).append(k)
+    if wanted is not None:
+        wanted = set(wanted)
+        gaps = {ends: ks for ends, ks in gaps.items() if wanted.intersection(ks)}
     filled = {}
     for (k0, k1), ks in tqdm(gaps.items(), desc="registering slices", unit="gap", disable=not progress or len(gaps) < 2):
         if k0 is None or k1 is None:
