@@ -212,3 +212,17 @@ def test_kept_slices_and_reused_registration_give_the_full_fill_of_those_slices(
     assert not np.array_equal(reused, kept)  # the planes given are the ones read
     with pytest.raises(MedinpaintError, match="keep_slices"):
         network_fill(array, holes, bad, "CT", net, settings, cpu, keep_slices=[10], flip_axes=(0,))
+
+
+def test_kept_slices_get_one_crop_per_run_never_merged():
+    """Picks a few slices apart each get their own crop (merged, the crops of 16 picks grew to a
+    hundred full slices: the gate's peak memory)."""
+    from medinpaint.inpaint.inference import kept_boxes
+
+    holes = np.zeros((40, 40, 60), bool)
+    holes[:, :, [10, 11, 20, 30]] = True
+    holes[3:6, 4:9, 40] = True
+    boxes = kept_boxes(holes, [10, 11, 20, 40], [8, 8, 16])
+    assert [b[3] for b in boxes] == [{10, 11}, {20}, {40}]
+    assert [(b[2].start, b[2].stop) for b in boxes] == [(0, 28), (4, 37), (24, 57)]
+    assert (boxes[2][0], boxes[2][1]) == (slice(0, 14), slice(0, 17))

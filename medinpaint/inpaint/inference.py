@@ -100,10 +100,10 @@ def network_fill(
     if any(r % SIZE_DIVISOR for r in roi):
         raise MedinpaintError(f"roi_size {roi} must be a multiple of {SIZE_DIVISOR} on every axis")
     margins = [min(settings.context_voxels, (r - 1) // 2) for r in roi]
-    boxes = hole_boxes(holes, margins)  # before any copy of the volume: labelling needs its own
     kept = {k: n for n, k in enumerate(keep_slices)} if keep_slices is not None else None
-    if kept is not None:
-        boxes = [box for box in boxes if any(k in kept for k in range(box[2].start, box[2].stop))]
+    # Kept slices: one crop per run of them, never merged with its neighbours' (merged crops of many
+    # picks grow to a hundred full slices); otherwise the groups of holes, merged where they overlap.
+    boxes = kept_boxes(holes, keep_slices, margins) if kept is not None else hole_boxes(holes, margins)
     normalizer = Normalizer.for_volume(array, modality, holes=holes)
 
     def network_input(index: tuple[slice, ...]) -> np.ndarray:
@@ -148,6 +148,7 @@ def network_fill(
     spread = np.zeros(array.shape, dtype=np.float32) if flip_axes else None
     bar = tqdm(total=len(boxes) * (1 + len(flip_axes)), desc="inpainting", unit="region", disable=not progress or len(boxes) < 2)
     for box in boxes:
+        own, box = (box[3], box[:3]) if len(box) == 4 else (None, box)
         # Per box only the network input and the hole values are held: a few crops, never the scan.
         inside = holes[box]
         start = network_input(box) if holes_prefilled else _prefilled(network_input, holes, bad, valid_slices, box, order)
@@ -188,7 +189,7 @@ def network_fill(
         if kept is None:
             result[box][inside] = normalizer.inverse(mean)
         else:
-            _write_kept(result, kept, box, inside, normalizer.inverse(mean))
+            _write_kept(result, {k: n for k, n in kept.items() if k in own}, box, inside, normalizer.inverse(mean))
         if spread is not None:
             spread[box][inside] = np.sqrt(np.maximum(squares / runs - mean**2, 0.0)) * normalizer.scale
     bar.close()
@@ -265,6 +266,23 @@ def _prefilled(
     other[:, :, local_bad] = False
     filled = network_prefill(network_input(index), local_bad, other, order)
     return filled[:, :, box[2].start - lo : box[2].stop - lo]
+
+
+def kept_boxes(holes: np.ndarray, keep_slices: list[int], margins: list[int]) -> list[tuple]:
+    """One box per run of consecutive ``keep_slices`` (the holes in them plus context), with the run
+    itself as a fourth item: the only slices that box writes."""
+    boxes, ks = [], sorted(set(keep_slices))
+    runs = [[ks[0]]] if ks else []
+    for k in ks[1:]:
+        runs[-1].append(k) if k == runs[-1][-1] + 1 else runs.append([k])
+    for run in runs:
+        found = np.nonzero(holes[:, :, run[0] : run[-1] + 1].any(axis=2))
+        if not found[0].size:
+            continue
+        spans = [(int(f.min()), int(f.max()) + 1) for f in found] + [(run[0], run[-1] + 1)]
+        box = tuple(slice(max(a - m, 0), min(b + m, n)) for (a, b), m, n in zip(spans, margins, holes.shape))
+        boxes.append(box + (set(run),))
+    return boxes
 
 
 def hole_boxes(holes: np.ndarray, margins: list[int], cell: int = 4) -> list[tuple[slice, ...]]:
