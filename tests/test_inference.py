@@ -222,7 +222,7 @@ def test_kept_slices_get_one_crop_per_run_never_merged():
     holes = np.zeros((40, 40, 60), bool)
     holes[:, :, [10, 11, 20, 30]] = True
     holes[3:6, 4:9, 40] = True
-    boxes = kept_boxes(holes, [10, 11, 20, 40], [8, 8, 16])
-    assert [b[3] for b in boxes] == [{10, 11}, {20}, {40}]
+    boxes, owned = kept_boxes(holes, [10, 11, 20, 40], [8, 8, 16])
+    assert owned == [[10, 11], [20], [40]]
     assert [(b[2].start, b[2].stop) for b in boxes] == [(0, 28), (4, 37), (24, 57)]
     assert (boxes[2][0], boxes[2][1]) == (slice(0, 14), slice(0, 17))

@@ -383,8 +383,9 @@ def gated_fill(
         return filled, spread, record
     filled = write_classical(array, whole_slices, choice)
     spread = np.zeros(array.shape, np.float32) if flip_axes else None
-    if any(others[:, :, k].any() for k in sorted(set(range(array.shape[2])) - set(whole_slices))):
-        # holes other than whole slices: the gate does not measure them, the network fills them as before
+    per_slice = others.any(axis=(0, 1))
+    per_slice[whole_slices] = False
+    if per_slice.any():  # holes other than whole slices: the gate does not measure them, the network fills them as before
         rest = others.copy()
         rest[:, :, whole_slices] = False
         out = network_fill(filled, rest, [], modality, net, inference, device, progress=progress, flip_axes=flip_axes,

@@ -103,7 +103,7 @@ def network_fill(
     kept = {k: n for n, k in enumerate(keep_slices)} if keep_slices is not None else None
     # Kept slices: one crop per run of them, never merged with its neighbours' (merged crops of many
     # picks grow to a hundred full slices); otherwise the groups of holes, merged where they overlap.
-    boxes = kept_boxes(holes, keep_slices, margins) if kept is not None else hole_boxes(holes, margins)
+    boxes, owned = kept_boxes(holes, keep_slices, margins) if kept is not None else (hole_boxes(holes, margins), None)
     normalizer = Normalizer.for_volume(array, modality, holes=holes)
 
     def network_input(index: tuple[slice, ...]) -> np.ndarray:
@@ -147,8 +147,7 @@ def network_fill(
     result = array.astype(np.float32, copy=True) if kept is None else array[:, :, keep_slices].astype(np.float32, copy=False)
     spread = np.zeros(array.shape, dtype=np.float32) if flip_axes else None
     bar = tqdm(total=len(boxes) * (1 + len(flip_axes)), desc="inpainting", unit="region", disable=not progress or len(boxes) < 2)
-    for box in boxes:
-        own, box = (box[3], box[:3]) if len(box) == 4 else (None, box)
+    for number, box in enumerate(boxes):
         # Per box only the network input and the hole values are held: a few crops, never the scan.
         inside = holes[box]
         start = network_input(box) if holes_prefilled else _prefilled(network_input, holes, bad, valid_slices, box, order)
@@ -189,7 +188,7 @@ def network_fill(
         if kept is None:
             result[box][inside] = normalizer.inverse(mean)
         else:
-            _write_kept(result, {k: n for k, n in kept.items() if k in own}, box, inside, normalizer.inverse(mean))
+            _write_kept(result, kept, owned[number], box, inside, normalizer.inverse(mean))
         if spread is not None:
             spread[box][inside] = np.sqrt(np.maximum(squares / runs - mean**2, 0.0)) * normalizer.scale
     bar.close()
@@ -198,14 +197,14 @@ def network_fill(
     return (result, spread) if flip_axes else result
 
 
-def _write_kept(result: np.ndarray, kept: dict[int, int], box: tuple[slice, ...], inside: np.ndarray, values: np.ndarray) -> None:
-    """Write the box's hole ``values`` (in ``inside`` order) into those of its slices that ``result`` keeps."""
+def _write_kept(result: np.ndarray, kept: dict[int, int], slices: list[int], box: tuple[slice, ...], inside: np.ndarray,
+                values: np.ndarray) -> None:
+    """Write the box's hole ``values`` (in ``inside`` order) of ``slices`` into their places ``kept`` in ``result``."""
     block = np.zeros(inside.shape, np.float32)
     block[inside] = values
-    for k in range(box[2].start, box[2].stop):
-        if k in kept:
-            where = inside[:, :, k - box[2].start]
-            result[box[0], box[1], kept[k]][where] = block[:, :, k - box[2].start][where]
+    for k in slices:
+        where = inside[:, :, k - box[2].start]
+        result[box[0], box[1], kept[k]][where] = block[:, :, k - box[2].start][where]
 
 
 # Activation memory per window voxel of the shipped UNet under autocast, with headroom (measured
@@ -268,21 +267,24 @@ def _prefilled(
     return filled[:, :, box[2].start - lo : box[2].stop - lo]
 
 
-def kept_boxes(holes: np.ndarray, keep_slices: list[int], margins: list[int]) -> list[tuple]:
-    """One box per run of consecutive ``keep_slices`` (the holes in them plus context), with the run
-    itself as a fourth item: the only slices that box writes."""
-    boxes, ks = [], sorted(set(keep_slices))
-    runs = [[ks[0]]] if ks else []
-    for k in ks[1:]:
-        runs[-1].append(k) if k == runs[-1][-1] + 1 else runs.append([k])
+def kept_boxes(holes: np.ndarray, keep_slices: list[int], margins: list[int]) -> tuple[list[tuple[slice, ...]], list[list[int]]]:
+    """One box per run of consecutive ``keep_slices`` (the holes in them plus context), and each
+    box's run: the only slices that box writes."""
+    boxes, runs, ks = [], [], sorted(set(keep_slices))
+    for n, k in enumerate(ks):
+        if n and k == ks[n - 1] + 1:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    owned = []
     for run in runs:
         found = np.nonzero(holes[:, :, run[0] : run[-1] + 1].any(axis=2))
         if not found[0].size:
             continue
         spans = [(int(f.min()), int(f.max()) + 1) for f in found] + [(run[0], run[-1] + 1)]
-        box = tuple(slice(max(a - m, 0), min(b + m, n)) for (a, b), m, n in zip(spans, margins, holes.shape))
-        boxes.append(box + (set(run),))
-    return boxes
+        boxes.append(tuple(slice(max(a - m, 0), min(b + m, n)) for (a, b), m, n in zip(spans, margins, holes.shape)))
+        owned.append(run)
+    return boxes, owned
 
 
 def hole_boxes(holes: np.ndarray, margins: list[int], cell: int = 4) -> list[tuple[slice, ...]]:
