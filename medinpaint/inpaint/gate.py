@@ -8,7 +8,10 @@ tenths of a dB apart are within the noise of a handful of picks, and one badly f
 decide a pooled score, so the decision is paired and bounded: a method replaces the default
 classical fill (``gate.default``), and the network replaces the classical choice, only when its
 pooled gain and that gain's lower confidence bound (a seeded bootstrap over the picks) are above
-zero (``gate.margin_db`` for the network).  A network adapted to the scan (``adapt.py``) is trained
+zero (``gate.margin_db`` for the network).  A scan so short or so damaged that only one pick fits
+cannot be bounded over picks: there the classical methods are compared over blocks of that pick's
+plane (a weaker bound: one place in the scan), and the network, which must earn its place on
+separate evidence, is not written.  A network adapted to the scan (``adapt.py``) is trained
 with these picks hidden from it, so it is judged on slices it never learnt from.
 """
 
@@ -36,6 +39,7 @@ CLASSICAL = ("linear", "cubic", "registered")
 MAX_RUN = 5  # longer real gaps are measured with runs of this length
 MARGIN = 2  # acquired slices kept on each side of a pick (cubic reads two)
 DRAWS = 2000  # bootstrap resamples of the picks
+BLOCKS = 8  # a lone pick's plane is cut into BLOCKS x BLOCKS blocks, the units of its bound
 
 
 def gap_lengths(bad_slices: list[int]) -> list[int]:
@@ -154,49 +158,61 @@ def _score(mse: float, data_range: float) -> float:
 
 
 def decide(sse: dict[str, np.ndarray], classical: tuple[str, ...], default: str, net_name: str, margin_db: float,
-           confidence: float, seed: int = 0) -> tuple[str, dict]:
+           confidence: float, seed: int = 0, units: str = "picks", network_eligible: bool = True) -> tuple[str, dict]:
     """The fill to write, from each method's squared errors per pick, and the record of why.
 
     A method wins over another when both its pooled gain and that gain's lower confidence bound
     (``paired_gain``) are above the threshold: 0 dB for a classical method against
     ``default`` (the best-scoring winner replaces it), ``margin_db`` for the network against that
     classical choice.  Without a clear win the safer fill stays: noise between methods a few tenths
-    apart, or one lucky pick, must not decide.
+    apart, or one lucky pick, must not decide.  ``units`` names what the entries of ``sse`` are;
+    without ``network_eligible`` the network is scored but never written.
     """
     n = len(sse[default])
-    rule = (f"paired over the {n} picks: a classical method replaces {default} (the default), and {net_name} the "
+    rule = (f"paired over the {n} {units}: a classical method replaces {default} (the default), and {net_name} the "
             f"classical choice, only when its pooled PSNR gain and that gain's {confidence:.0%} lower bound (bootstrap over "
-            f"the picks, {DRAWS} draws, seed {seed}) are both above 0 dB ({margin_db} dB for {net_name})")
+            f"the {units}, {DRAWS} draws, seed {seed}) are both above 0 dB ({margin_db} dB for {net_name})"
+            + ("" if network_eligible else f"; {net_name} is not written on the evidence of one pick"))
     compared: dict[str, dict] = {}
 
     def wins(name: str, reference: str, threshold: float) -> bool:
         pooled, bound = paired_gain(sse[name], sse[reference], confidence, seed)
         better = sum(bool(a < b) for a, b in zip(sse[name], sse[reference]))
         compared[f"{name} vs {reference}"] = {"pooled_gain_db": round(pooled, 4), "lower_bound_db": round(bound, 4) if n > 1 else None,
-                                              "better_on_picks": f"{better} of {n}"}
+                                              f"better_on_{units.replace(' ', '_')}": f"{better} of {n}"}
         return pooled > threshold and bound > threshold
 
     winners = [m for m in classical if m != default and wins(m, default, 0.0)]
     chosen = min(winners, key=lambda m: sse[m].sum()) if winners else default
-    network_wins = wins(net_name, chosen, margin_db)
+    network_wins = wins(net_name, chosen, margin_db) and network_eligible
     network = compared[f"{net_name} vs {chosen}"]
     record = {"rule": rule, "default": default, "confidence": confidence, "comparisons": compared,
               "best_classical": min(classical, key=lambda m: sse[m].sum()), "classical_choice": chosen,
               "network_minus_classical_choice_db": network["pooled_gain_db"], "network_lower_bound_db": network["lower_bound_db"]}
 
     def bound(entry: dict) -> str:
-        return "none from one pick" if entry["lower_bound_db"] is None else f"{entry['lower_bound_db']:+.2f} dB"
+        return f"none from one of the {units}" if entry["lower_bound_db"] is None else f"{entry['lower_bound_db']:+.2f} dB"
 
     if chosen == default:
         why = f"no classical method beats {default} clearly"
     else:
         entry = compared[f"{chosen} vs {default}"]
         why = f"{chosen} beats {default} clearly ({entry['pooled_gain_db']:+.2f} dB, lower bound {bound(entry)})"
-    verdict = "beats" if network_wins else "does not beat"
-    why += (f"; {net_name} {verdict} {chosen} clearly ({network['pooled_gain_db']:+.2f} dB, lower bound {bound(network)}, "
-            f"margin {margin_db} dB): {net_name if network_wins else chosen} is written")
+    if network_eligible:
+        verdict = "beats" if network_wins else "does not beat"
+        why += f"; {net_name} {verdict} {chosen} clearly"
+    else:
+        why += f"; {net_name} is not written on one pick's evidence"
+    why += (f" ({network['pooled_gain_db']:+.2f} dB, lower bound {bound(network)}, margin {margin_db} dB): "
+            f"{net_name if network_wins else chosen} is written")
     choice = net_name if network_wins else chosen
     return choice, record | {"choice": choice, "why": why}
+
+
+def block_sums(plane: np.ndarray, blocks: int = BLOCKS) -> np.ndarray:
+    """The sums of ``plane`` over ``blocks`` x ``blocks`` blocks (edges as even as the size allows), flattened."""
+    rows, cols = (np.linspace(0, n, min(blocks, n) + 1).astype(int)[:-1] for n in plane.shape)
+    return np.add.reduceat(np.add.reduceat(plane, rows, axis=0), cols, axis=1).ravel()
 
 
 def classical_left_out(scan: np.ndarray, bad_slices: list[int], hidden: list[int], methods: tuple[str, ...],
@@ -333,7 +349,8 @@ def gated_fill(
         del base  # the networks run on the scan as acquired
         methods = (tuple(gate.classical) if gate.enabled else ()) + tuple(networks)
         sse = {name: [] for name in methods}  # per pick, in the order of ``picks``
-        voxels = []
+        block_sse = {name: [] for name in methods}  # per pick, per block of its plane (a lone pick's units)
+        voxels, block_voxels = [], []
         for picked in rounds:
             round_hidden = sorted(k for run in picked for k in run)
             registered = left_out_registered(array, whole_slices, round_hidden) if info.registered_input or (
@@ -349,9 +366,11 @@ def gated_fill(
                 columns = [round_hidden.index(k) for k in run]
                 region = body[:, :, [hidden.index(k) for k in run]]
                 voxels.append(int(region.sum()))
+                block_voxels.append(block_sums(region.sum(axis=2, dtype=np.float64)))
                 for name in methods:
-                    errors = predicted[name][:, :, columns][region] - truth[:, :, columns][region]
-                    sse[name].append(float(np.sum(errors**2)))
+                    squared = np.where(region, predicted[name][:, :, columns] - truth[:, :, columns], 0.0) ** 2
+                    sse[name].append(float(np.sum(squared)))
+                    block_sse[name].append(block_sums(squared.sum(axis=2)))
         sse = {name: np.array(values) for name, values in sse.items()}
         total = max(sum(voxels), 1)
         scores = {name: _score(float(values.sum()) / total, data_range) for name, values in sse.items()}
@@ -370,8 +389,16 @@ def gated_fill(
             record |= {"choice": choice, "why": "gate off: the network is written whatever the scores"}
         else:
             scored = np.array(voxels) > 0  # a pick outside the body says nothing about any method
-            choice, decision = decide({name: values[scored] for name, values in sse.items()}, gate.classical, gate.default,
-                                      net_name, gate.margin_db, gate.confidence, gate.seed)
+            if scored.sum() == 1:  # no bound over picks: blocks of the lone pick's plane, and no network
+                lone = int(np.flatnonzero(scored)[0])
+                inside = block_voxels[lone] > 0
+                units = {name: values[lone][inside] for name, values in block_sse.items()}
+                choice, decision = decide(units, gate.classical, gate.default, net_name, gate.margin_db, gate.confidence,
+                                          gate.seed, units=f"blocks of the one pick's plane ({BLOCKS} x {BLOCKS})",
+                                          network_eligible=False)
+            else:
+                choice, decision = decide({name: values[scored] for name, values in sse.items()}, gate.classical,
+                                          gate.default, net_name, gate.margin_db, gate.confidence, gate.seed)
             record |= decision
     record["seconds"] = round(time.perf_counter() - started, 2)
     log.info("slice gate: %s (%s)", record["choice"], record["why"])
