@@ -12,7 +12,7 @@ slices and cubic up-sampled back (a resampled volume, where cubic nearly reprodu
 the GE head CT `ct_head_ge_variable_spacing` (no model saw it; its longest run of acquired
 slices on the loader's grid: 14 slices of 4 mm, with gantry tilt).
 
-    python benchmarks/quality.py [--model NAME_OR_PATH] [--adapt off|auto|N] [--crop 192] [--offsets 2] [--json out.json]
+    python benchmarks/quality.py [--model NAME_OR_PATH] [--adapt off|auto|N] [--config SETTINGS.yaml] [--crop 192] [--offsets 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from scipy import ndimage
 import medinpaint
 from medinpaint.artifacts.find import ArtifactMask
 from medinpaint.artifacts.labels import ArtifactKind
-from medinpaint.config import Settings
+from medinpaint.config import Settings, load_settings
 from medinpaint.data.volume import Volume
 from medinpaint.inpaint.classical import interpolate_slices
 from medinpaint.inpaint.registered import with_registered_slices
@@ -100,8 +100,9 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=None, help="in-plane centre crop (pixels) to save CPU time")
     parser.add_argument("--cases", default=None, help="comma-separated substrings of the case labels to run")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--config", type=Path, help="settings YAML for the gated default (as correct --config)")
     args = parser.parse_args()
-    settings = Settings()
+    settings = load_settings(args.config)
     results = []
     for label, (name, factor, acquired_only) in SCANS.items():
         if args.cases and not any(c in label for c in args.cases.split(",")):
@@ -112,7 +113,7 @@ def main() -> None:
             volume = resampled(volume, factor)
         for run, gap in ((1, 3), (3, 3)):
             scores: dict[str, list[dict]] = {m: [] for m in CLASSICAL + ("network", "gated default")}
-            decisions, adapt_seconds, gate_seconds = [], [], []
+            decisions, adapt_seconds, adapt_scores, gate_seconds = [], [], [], []
             for offset in range(args.offsets):
                 removed = placements(volume.shape[2], run, gap, offset)
                 mask = np.zeros(volume.shape, bool)
@@ -131,6 +132,7 @@ def main() -> None:
                 gate_seconds.append(record["seconds"])
                 if "adaptation" in record:
                     adapt_seconds.append(record["adaptation"].get("seconds", 0.0))
+                    adapt_scores.append((record["adaptation"].get("left_out_psnr_before_db"), record["adaptation"].get("left_out_psnr_after_db")))
                 fills["gated default"] = (gated.volume.array, gated.seconds)
                 if record["choice"] == "network" and args.adapt == "off":  # the gate wrote the network's fill itself
                     fills["network"] = fills["gated default"]
@@ -152,12 +154,14 @@ def main() -> None:
             row["gate_seconds"] = float(np.mean(gate_seconds))  # the gate's own measurement (picks, rounds, decision)
             if adapt_seconds:
                 row["adaptation_seconds"] = float(np.mean(adapt_seconds))
+                row["adaptation_left_out_psnr_before_after_db"] = adapt_scores  # the gate's picks, per placement
             results.append(row)
             print(f"{label:48s} {row['missing']:14s} " + "  ".join(
                 f"{m}: {row[m]['psnr_db']:6.2f} dB" for m in scores
             ) + f"  | best classical {best}; network {row['network_minus_best_classical_db']:+.2f} dB, "
                 f"gated {row['gated_minus_best_classical_db']:+.2f} dB (gate chose {', '.join(decisions)}; gate {row['gate_seconds']:.0f} s)"
-                + (f"; adaptation {row['adaptation_seconds']:.1f} s" if adapt_seconds else ""), flush=True)
+                + (f"; adaptation {row['adaptation_seconds']:.1f} s, left-out dB before -> after "
+                   + ", ".join(f"{a} -> {b}" for a, b in adapt_scores) if adapt_seconds else ""), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -58,6 +58,8 @@ class AdaptSettings:
     layers: str = "head"  # head: only the last convolution learns (no backward through the UNet); all: every weight
     lr: float = 1e-2  # head: a few dozen steps must move a gate bias by whole units
     patch_size: tuple[int, int, int] = (48, 48, 16)  # training crop (clipped to the scan, padded to multiples of 16)
+    in_plane: float = 0.0  # share of patches cut along the in-plane axes, thickened to the slice spacing (SMORE)
+    in_plane_min_ratio: float = 2.0  # ... only where the slices are at least this many times the pixel spacing
     seed: int = 0
 
 

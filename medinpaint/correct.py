@@ -111,7 +111,7 @@ def correct(
                 filled, spread, parameters["slice_gate"] = gated_fill(
                     volume.array, whole_slices, others, volume.modality, net, info, settings, torch_device, adapt=adapt,
                     save_adapted_to=save_adapted, overwrite=overwrite, progress=progress,
-                    flip_axes=(0, 1) if uncertainty else (), run_info=used,
+                    flip_axes=(0, 1) if uncertainty else (), run_info=used, spacing=tuple(volume.spacing),
                 )
                 choice = parameters["slice_gate"]["choice"]
                 if choice not in ("network", "adapted network"):  # the model ran for the gate's scores; say what it wrote

@@ -252,3 +252,35 @@ def test_one_pick_is_bounded_over_its_plane_and_never_writes_the_network():
     written = result.volume.array[:, :, bad]
     for method in ("linear", "cubic"):
         assert _rmse(written, truth[:, :, bad]) < _rmse(interpolate_slices(damaged.array, bad, method)[:, :, bad], truth[:, :, bad])
+
+
+def test_in_plane_patches_thicken_an_in_plane_axis_into_the_slice_axis():
+    """A ramp along i seen through an in-plane patch: its slice axis steps by the thickness (mean of 7
+    pixels per slice), its other axes are flat; a hidden plane is read as given, never from the scan."""
+    from medinpaint.inpaint.adapt import in_plane_patch
+
+    ramp = np.arange(200, dtype=np.float32)[:, None, None] * np.ones((200, 150, 12), np.float32)
+    patch = in_plane_patch(ramp, {}, np.array([100, 75]), (48, 48, 16), 7.2, 0, np.random.RandomState(0))
+    assert patch.shape == (48, 48, 16)
+    np.testing.assert_allclose(patch[0, 0], 44 + 3 + 7 * np.arange(16))  # rows 44..155 averaged in sevens
+    assert float(patch.std(axis=(0, 1)).max()) < 1e-3
+    ramp_j = np.moveaxis(ramp, 0, 1)[:150, :200]
+    patch_j = in_plane_patch(np.ascontiguousarray(ramp_j), {}, np.array([75, 100]), (48, 48, 16), 7.2, 1, np.random.RandomState(0))
+    np.testing.assert_allclose(patch_j, patch)
+    poisoned = {k: np.full(ramp.shape[:2], 1e6, np.float32) for k in range(12)}  # every plane left out: only these are read
+    assert in_plane_patch(ramp, poisoned, np.array([100, 75]), (48, 48, 16), 7.2, 0, np.random.RandomState(0)).min() > 1e5
+    assert in_plane_patch(ramp[:100], {}, np.array([50, 75]), (48, 48, 16), 7.2, 0, np.random.RandomState(0)) is None
+
+
+def test_adaptation_cuts_in_plane_patches_only_from_thick_slices():
+    volume = medinpaint.load(shared("mr_brain_t1.nrrd"))  # 0.78 x 0.78 x 6.5 mm
+    truth = volume.array[64:192, 64:192, :].astype(np.float32)
+    damaged, artifacts = _damaged(truth, volume.affine, [11, 12])
+    settings = replace(QUICK, adapt=replace(QUICK.adapt, patches=4, seconds=1e6, in_plane=1.0), gate=replace(QUICK.gate, enabled=False))
+    result = medinpaint.correct(damaged, artifacts, settings=settings, adapt=5, device="cpu")
+    assert result.parameters["slice_gate"]["adaptation"]["in_plane_patches"] == 4
+    thin = replace(settings, adapt=replace(settings.adapt, in_plane_min_ratio=10.0))  # 6.5 / 0.78 = 8.3: not thick enough
+    result = medinpaint.correct(damaged, artifacts, settings=thin, adapt=5, device="cpu")
+    assert result.parameters["slice_gate"]["adaptation"]["in_plane_patches"] == "none (slices not thick enough)"
+    with pytest.raises(MedinpaintError, match="adapt.in_plane 1.5"):
+        medinpaint.correct(damaged, artifacts, settings=replace(settings, adapt=replace(settings.adapt, in_plane=1.5)), adapt=5, device="cpu")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.losses import SSIMLoss
+from scipy import ndimage
 
 from medinpaint.body import body_threshold
 from medinpaint.config import AdaptSettings, TrainSettings
@@ -66,10 +67,13 @@ def adapt_model(
     steps: int,
     device: torch.device,
     progress: bool = False,
+    spacing: tuple[float, float, float] | None = None,
 ) -> tuple[InpaintingUNet, dict]:
     """A copy of ``net`` fine-tuned on ``base`` (the scan, its real gaps pre-filled) for at most
     ``steps`` steps and ``settings.seconds`` seconds; acquired slices other than ``bad_slices`` and
-    ``validation`` are hidden in runs of up to ``max(lengths)`` and restored."""
+    ``validation`` are hidden in runs of up to ``max(lengths)`` and restored.  With ``spacing`` (mm)
+    and ``settings.in_plane``, that share of the patches on a thick-sliced scan is cut along an
+    in-plane axis (``in_plane_patch``)."""
     started = time.perf_counter()
     forbidden = sorted(set(bad_slices) | set(validation))
     n_i, n_j, n_k = base.shape
@@ -88,9 +92,13 @@ def adapt_model(
     roi = tuple(int(np.ceil(p / 16) * 16) for p in patch)
     rng = np.random.RandomState(settings.seed)
     body = _body_centres(base, modality)
+    ratio = _thickness_ratio(spacing, settings)
+    made_in_plane = 0
     model = copy.deepcopy(net).to(device).train()
     if settings.layers not in ADAPTED_LAYERS:
         raise MedinpaintError(f"adapt.layers {settings.layers!r}: choose {' or '.join(ADAPTED_LAYERS)}")
+    if not 0.0 <= settings.in_plane <= 1.0:
+        raise MedinpaintError(f"adapt.in_plane {settings.in_plane}: a share of the patches, from 0 to 1")
     if settings.layers == "head":  # only the last 1x1x1 convolution learns: no backward pass through the UNet
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name.startswith("unet.final_conv."))
@@ -103,15 +111,20 @@ def adapt_model(
     while len(pool) < settings.patches and attempts < 20 * settings.patches and time.perf_counter() - started < settings.seconds / 2:
         attempts += 1
         centre = body[rng.randint(len(body))]
-        i0, j0 = (int(np.clip(c - p // 2, 0, n - p)) for c, p, n in zip(centre[:2], patch[:2], (n_i, n_j)))
-        k0 = rng.randint(0, n_k - patch[2] + 1)
-        hidden = [k for k in slice_damage(patch[2], rng, max(lengths), margin=1) if k0 + k in allowed]
+        if ratio and rng.rand() < settings.in_plane:
+            crop = in_plane_patch(base, hidden_planes, centre, patch, ratio, int(rng.randint(2)), rng)
+            hidden = slice_damage(patch[2], rng, max(lengths), margin=1) if crop is not None else []
+            made_in_plane += bool(hidden)
+        else:
+            i0, j0 = (int(np.clip(c - p // 2, 0, n - p)) for c, p, n in zip(centre[:2], patch[:2], (n_i, n_j)))
+            k0 = rng.randint(0, n_k - patch[2] + 1)
+            hidden = [k for k in slice_damage(patch[2], rng, max(lengths), margin=1) if k0 + k in allowed]
+            crop = base[i0 : i0 + patch[0], j0 : j0 + patch[1], k0 : k0 + patch[2]].astype(np.float32)
+            for k in range(k0, k0 + patch[2]):
+                if k in hidden_planes:
+                    crop[:, :, k - k0] = hidden_planes[k][i0 : i0 + patch[0], j0 : j0 + patch[1]]
         if not hidden:
             continue
-        crop = base[i0 : i0 + patch[0], j0 : j0 + patch[1], k0 : k0 + patch[2]].astype(np.float32)
-        for k in range(k0, k0 + patch[2]):
-            if k in hidden_planes:
-                crop[:, :, k - k0] = hidden_planes[k][i0 : i0 + patch[0], j0 : j0 + patch[1]]
         image = normalizer.forward(crop)
         prefilled = network_prefill(image, hidden, np.zeros(image.shape, bool), order)
         mask = np.zeros(image.shape, np.float32)
@@ -148,7 +161,8 @@ def adapt_model(
     record = {
         "steps": done, "steps_asked": steps, "seconds": round(seconds, 2), "seconds_making_patches": round(pool_seconds, 2), "seconds_limit": settings.seconds,
         "lr": settings.lr, "layers": settings.layers, "patch_size": list(patch), "slice_prefill": order, "max_run": max(lengths),
-        "training_slices": len(trainable), "training_patches": len(pool), "loss": "masked L1 (training.train)" if features is not None else "masked L1 + 0.1 SSIM (training.train)",
+        "training_slices": len(trainable), "training_patches": len(pool),
+        "in_plane_patches": made_in_plane if ratio else f"none ({'off' if not settings.in_plane else 'slices not thick enough' if spacing is not None else 'spacing unknown'})", "loss": "masked L1 (training.train)" if features is not None else "masked L1 + 0.1 SSIM (training.train)",
         "loss_first_steps": round(float(np.mean(losses[:5])), 5) if losses else None,
         "loss_last_steps": round(float(np.mean(losses[-5:])), 5) if losses else None,
         "device": str(device),
@@ -156,6 +170,47 @@ def adapt_model(
     if done < steps:
         record["stopped"] = f"time limit of {settings.seconds:g} s reached"
     return model, record
+
+
+def _thickness_ratio(spacing: tuple[float, float, float] | None, settings: AdaptSettings) -> float:
+    """Slice spacing over pixel spacing where in-plane patches are asked for and the slices are thick enough, else 0."""
+    if not settings.in_plane or spacing is None:
+        return 0.0
+    ratio = float(spacing[2]) / float(max(spacing[0], spacing[1]))
+    return ratio if ratio >= settings.in_plane_min_ratio else 0.0
+
+
+def in_plane_patch(base: np.ndarray, hidden_planes: dict[int, np.ndarray], centre: np.ndarray, patch: tuple[int, int, int],
+                   ratio: float, axis: int, rng: np.random.RandomState) -> np.ndarray | None:
+    """A training patch whose slice axis is the in-plane ``axis``, averaged over ``round(ratio)`` pixels (a
+    slice as thick as the scan's), and whose second axis is the slice axis, cubic-resampled to the pixel
+    spacing: sharp in-plane anatomy as examples of the slice axis (SMORE, Zhao et al. 2019).  Laid out as
+    the network's (i, j, k); ``None`` where the scan is too small.  Left-out planes read as ``hidden_planes``."""
+    step = max(2, int(round(ratio)))
+    other = 1 - axis
+    n_along, n_other, n_k = base.shape[axis], base.shape[other], base.shape[2]
+    along, across = patch[2] * step, patch[0]
+    depth = int(np.ceil(patch[1] / ratio)) + 4  # slices read, with two on each side for the cubic spline
+    if n_along < along or n_other < across or n_k < min(depth, 4):
+        return None
+    depth = min(depth, n_k)
+    a0 = int(np.clip(centre[axis] - along // 2, 0, n_along - along))
+    o0 = int(np.clip(centre[other] - across // 2, 0, n_other - across))
+    k0 = rng.randint(0, n_k - depth + 1)
+    index = [slice(None)] * 2
+    index[axis], index[other] = slice(a0, a0 + along), slice(o0, o0 + across)
+    block = base[index[0], index[1], k0 : k0 + depth].astype(np.float32)
+    for k in range(k0, k0 + depth):
+        if k in hidden_planes:
+            block[:, :, k - k0] = hidden_planes[k][index[0], index[1]]
+    block = np.moveaxis(block, (other, axis), (0, 1))  # (across, along, k)
+    thick = block.reshape(across, patch[2], step, depth).mean(axis=2)  # (across, k', depth)
+    fine = ndimage.zoom(thick, (1, 1, ratio), order=3, mode="nearest")
+    first = max(0, (fine.shape[2] - patch[1]) // 2)
+    fine = fine[:, :, first : first + patch[1]]
+    if fine.shape[2] < patch[1]:
+        fine = np.pad(fine, ((0, 0), (0, 0), (0, patch[1] - fine.shape[2])), mode="edge")
+    return np.ascontiguousarray(np.moveaxis(fine, 2, 1))  # (across, slice axis resampled, in-plane axis thickened)
 
 
 @torch.no_grad()

@@ -179,7 +179,7 @@ def decide(sse: dict[str, np.ndarray], classical: tuple[str, ...], default: str,
         pooled, bound = paired_gain(sse[name], sse[reference], confidence, seed)
         better = sum(bool(a < b) for a, b in zip(sse[name], sse[reference]))
         compared[f"{name} vs {reference}"] = {"pooled_gain_db": round(pooled, 4), "lower_bound_db": round(bound, 4) if n > 1 else None,
-                                              f"better_on_{units.replace(' ', '_')}": f"{better} of {n}"}
+                                              f"better_on_{units.split()[0]}": f"{better} of {n}"}
         return pooled > threshold and bound > threshold
 
     winners = [m for m in classical if m != default and wins(m, default, 0.0)]
@@ -288,9 +288,11 @@ def gated_fill(
     progress: bool = False,
     flip_axes: tuple[int, ...] = (),
     run_info: dict | None = None,
+    spacing: tuple[float, float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Fill ``others`` (holes, whole slices ``whole_slices`` among them) with the fill the scan's own
-    left-out slices favour; returns the filled array, the spread (with ``flip_axes``) and the record."""
+    left-out slices favour; returns the filled array, the spread (with ``flip_axes``) and the record.
+    ``spacing`` (mm) lets adaptation learn from the in-plane axes of thick-sliced scans."""
     gate, inference = settings.gate, settings.inference
     unknown = sorted(set(gate.classical) - set(CLASSICAL))
     if unknown or not gate.classical:
@@ -321,7 +323,8 @@ def gated_fill(
     adapted = None
     if steps:
         adapted, record["adaptation"] = adapt_model(
-            net, info, base, modality, whole_slices, hidden, lengths, settings.adapt, steps, device, progress=progress)
+            net, info, base, modality, whole_slices, hidden, lengths, settings.adapt, steps, device, progress=progress,
+            spacing=spacing)
         record["adaptation"]["validation"] = "the gate's left-out picks: hidden from adaptation (never a training target, never its input)"
         if save_adapted_to:
             save_adapted(adapted, info, save_adapted_to, overwrite, record["adaptation"])
