@@ -284,3 +284,18 @@ def test_adaptation_cuts_in_plane_patches_only_from_thick_slices():
     assert result.parameters["slice_gate"]["adaptation"]["in_plane_patches"] == "none (slices not thick enough)"
     with pytest.raises(MedinpaintError, match="adapt.in_plane 1.5"):
         medinpaint.correct(damaged, artifacts, settings=replace(settings, adapt=replace(settings.adapt, in_plane=1.5)), adapt=5, device="cpu")
+
+
+def test_adaptation_patches_hold_the_real_gaps_as_holes_never_as_targets():
+    """A real gap inside a training patch is missing from the input (masked, pre-filled from its
+    neighbours, as at inference), never read and never learnt; the hidden slice is learnt."""
+    from medinpaint.inpaint.adapt import training_channels
+
+    image = np.random.default_rng(0).normal(size=(16, 16, 10)).astype(np.float32)
+    image[:, :, 6] = 1e3  # a real gap's content: must reach no input
+    target, prefilled, mask, registered, learnt_from = training_channels(image, [3], [6], "linear", True)
+    np.testing.assert_array_equal(target, image)
+    assert mask[:, :, [3, 6]].min() == 1 and mask.sum() == 2 * 16 * 16
+    assert learnt_from[:, :, 3].min() == 1 and learnt_from.sum() == 16 * 16
+    np.testing.assert_allclose(prefilled[:, :, 6], (image[:, :, 5] + image[:, :, 7]) / 2, rtol=1e-6)
+    assert np.abs(prefilled).max() < 100 and np.abs(registered).max() < 100
