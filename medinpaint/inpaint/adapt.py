@@ -161,8 +161,9 @@ def adapt_model(
     record = {
         "steps": done, "steps_asked": steps, "seconds": round(seconds, 2), "seconds_making_patches": round(pool_seconds, 2), "seconds_limit": settings.seconds,
         "lr": settings.lr, "layers": settings.layers, "patch_size": list(patch), "slice_prefill": order, "max_run": max(lengths),
-        "training_slices": len(trainable), "training_patches": len(pool),
-        "in_plane_patches": made_in_plane if ratio else f"none ({'off' if not settings.in_plane else 'slices not thick enough' if spacing is not None else 'spacing unknown'})", "loss": "masked L1 (training.train)" if features is not None else "masked L1 + 0.1 SSIM (training.train)",
+        "training_slices": len(trainable), "training_patches": len(pool), "in_plane_patches": made_in_plane if ratio else
+        f"none ({'off' if not settings.in_plane else 'spacing unknown' if spacing is None else 'slices not thick enough'})",
+        "loss": "masked L1 (training.train)" if features is not None else "masked L1 + 0.1 SSIM (training.train)",
         "loss_first_steps": round(float(np.mean(losses[:5])), 5) if losses else None,
         "loss_last_steps": round(float(np.mean(losses[-5:])), 5) if losses else None,
         "device": str(device),
