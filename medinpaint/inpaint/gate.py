@@ -224,10 +224,11 @@ def classical_left_out(scan: np.ndarray, bad_slices: list[int], hidden: list[int
     valid = [k for k in range(scan.shape[2]) if k not in bad]
     orders = tuple(m for m in methods if m in ("linear", "cubic"))
     truth, predicted = left_out(scan, valid, hidden, orders or ("linear",))
-    predicted = {m: predicted[m] for m in orders}
+    truth = truth.astype(np.float32)  # slabs held while the networks run: float32, scored in float64 per pick
+    predicted = {m: predicted[m].astype(np.float32) for m in orders}
     if "registered" in methods:
         planes = registered if registered is not None else left_out_registered(scan, bad_slices, hidden)
-        predicted["registered"] = np.stack([planes[k].astype(np.float64) for k in hidden], axis=-1)
+        predicted["registered"] = np.stack([planes[k].astype(np.float32) for k in hidden], axis=-1)
     return truth, predicted
 
 
@@ -246,7 +247,7 @@ def network_left_out(array: np.ndarray, holes: np.ndarray, bad_slices: list[int]
     mask[:, :, hidden] = True
     out = network_fill(array, mask, sorted(set(bad_slices) | set(hidden)), modality, net, inference, device,
                        slice_prefill=info.slice_prefill, keep_slices=hidden, registered_planes=registered)
-    return out.astype(np.float64)
+    return out.astype(np.float32, copy=False)
 
 
 def scored_body(base: np.ndarray, modality: str, hidden: list[int], chunk: int = 32) -> tuple[np.ndarray, float]:
@@ -361,7 +362,7 @@ def gated_fill(
             if gate.enabled:
                 truth, predicted = classical_left_out(array, whole_slices, round_hidden, gate.classical, registered)
             else:  # adaptation alone: only the networks are scored, before and after
-                truth, predicted = array[:, :, round_hidden].astype(np.float64), {}
+                truth, predicted = np.asarray(array[:, :, round_hidden], np.float32), {}
             for name, model in networks.items():
                 predicted[name] = network_left_out(array, others, whole_slices, round_hidden, modality, model, info, inference,
                                                    device, registered)
@@ -371,7 +372,7 @@ def gated_fill(
                 voxels.append(int(region.sum()))
                 block_voxels.append(block_sums(region.sum(axis=2, dtype=np.float64)))
                 for name in methods:
-                    squared = np.where(region, predicted[name][:, :, columns] - truth[:, :, columns], 0.0) ** 2
+                    squared = np.where(region, predicted[name][:, :, columns] - truth[:, :, columns].astype(np.float64), 0.0) ** 2
                     sse[name].append(float(np.sum(squared)))
                     block_sse[name].append(block_sums(squared.sum(axis=2)))
         sse = {name: np.array(values) for name, values in sse.items()}
