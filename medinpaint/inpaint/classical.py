@@ -54,6 +54,17 @@ def interpolation_points(valid: list[int], k: int, order: str) -> list[int]:
     return below + above if order == "cubic" and len(below) == 2 and len(above) == 2 else [below[-1], above[0]]
 
 
+def consecutive_runs(slices: list[int]) -> list[list[int]]:
+    """``slices`` (any order, repeats ignored) as runs of consecutive indices, in ascending order."""
+    runs: list[list[int]] = []
+    for k in sorted(set(slices)):
+        if runs and k == runs[-1][-1] + 1:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    return runs
+
+
 def valid_neighbours(valid: list[int], k: int, count: int = 1) -> tuple[list[int], list[int]]:
     """Up to ``count`` slices of ``valid`` below ``k`` (nearest last) and above it (nearest first).
 

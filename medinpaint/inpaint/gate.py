@@ -26,7 +26,7 @@ import torch
 from medinpaint.config import InferenceSettings, Settings
 from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.adapt import adapt_model, adaptation_steps, save_adapted
-from medinpaint.inpaint.classical import classical_fill, left_out, network_prefill
+from medinpaint.inpaint.classical import classical_fill, consecutive_runs, left_out, network_prefill
 from medinpaint.inpaint.inference import network_fill
 from medinpaint.inpaint.models import ModelInfo
 from medinpaint.inpaint.network import InpaintingUNet
@@ -44,12 +44,7 @@ BLOCKS = 8  # a lone pick's plane is cut into BLOCKS x BLOCKS blocks, the units 
 
 def gap_lengths(bad_slices: list[int]) -> list[int]:
     """The distinct lengths of the runs of consecutive bad slices (capped at MAX_RUN)."""
-    ks, lengths, run = sorted(set(bad_slices)), set(), 0
-    for i, k in enumerate(ks):
-        run = run + 1 if i and k == ks[i - 1] + 1 else 1
-        if i == len(ks) - 1 or ks[i + 1] != k + 1:
-            lengths.add(min(run, MAX_RUN))
-    return sorted(lengths)
+    return sorted({min(len(run), MAX_RUN) for run in consecutive_runs(bad_slices)})
 
 
 def leave_out_picks(n_k: int, bad_slices: list[int], lengths: list[int], count: int | dict[int, int], seed: int,
@@ -352,9 +347,8 @@ def gated_fill(
             record["scored_inside"] = "left-out slices (no body voxels in them)"
         del base  # the networks run on the scan as acquired
         methods = (tuple(gate.classical) if gate.enabled else ()) + tuple(networks)
-        sse = {name: [] for name in methods}  # per pick, in the order of ``picks``
-        block_sse = {name: [] for name in methods}  # per pick, per block of its plane (a lone pick's units)
-        voxels, block_voxels = [], []
+        block_sse = {name: [] for name in methods}  # per pick (in the order of ``picks``), per block of its plane
+        block_voxels = []
         for picked in rounds:
             round_hidden = sorted(k for run in picked for k in run)
             registered = left_out_registered(array, whole_slices, round_hidden) if info.registered_input or (
@@ -369,13 +363,12 @@ def gated_fill(
             for run in picked:
                 columns = [round_hidden.index(k) for k in run]
                 region = body[:, :, [hidden.index(k) for k in run]]
-                voxels.append(int(region.sum()))
                 block_voxels.append(block_sums(region.sum(axis=2, dtype=np.float64)))
                 for name in methods:
                     squared = np.where(region, predicted[name][:, :, columns] - truth[:, :, columns].astype(np.float64), 0.0) ** 2
-                    sse[name].append(float(np.sum(squared)))
                     block_sse[name].append(block_sums(squared.sum(axis=2)))
-        sse = {name: np.array(values) for name, values in sse.items()}
+        sse = {name: np.array([float(blocks.sum()) for blocks in values]) for name, values in block_sse.items()}
+        voxels = [int(blocks.sum()) for blocks in block_voxels]
         total = max(sum(voxels), 1)
         scores = {name: _score(float(values.sum()) / total, data_range) for name, values in sse.items()}
         record["left_out_psnr_db"] = scores

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from medinpaint.config import InferenceSettings
 from medinpaint.errors import MedinpaintError
-from medinpaint.inpaint.classical import choose_slice_order, network_prefill, valid_neighbours
+from medinpaint.inpaint.classical import choose_slice_order, consecutive_runs, network_prefill, valid_neighbours
 from medinpaint.inpaint.registered import registered_slices
 from medinpaint.inpaint.network import SIZE_DIVISOR, InpaintingUNet
 from medinpaint.inpaint.normalize import Normalizer
@@ -270,14 +270,8 @@ def _prefilled(
 def kept_boxes(holes: np.ndarray, keep_slices: list[int], margins: list[int]) -> tuple[list[tuple[slice, ...]], list[list[int]]]:
     """One box per run of consecutive ``keep_slices`` (the holes in them plus context), and each
     box's run: the only slices that box writes."""
-    boxes, runs, ks = [], [], sorted(set(keep_slices))
-    for n, k in enumerate(ks):
-        if n and k == ks[n - 1] + 1:
-            runs[-1].append(k)
-        else:
-            runs.append([k])
-    owned = []
-    for run in runs:
+    boxes, owned = [], []
+    for run in consecutive_runs(keep_slices):
         found = np.nonzero(holes[:, :, run[0] : run[-1] + 1].any(axis=2))
         if not found[0].size:
             continue
