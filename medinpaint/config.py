@@ -62,6 +62,10 @@ class AdaptSettings:
     in_plane_min_ratio: float = 2.0  # ... only where the slices are at least this many times the pixel spacing
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.in_plane, (int, float)) and not 0.0 <= self.in_plane <= 1.0:  # other types: _build says so
+            raise MedinpaintError(f"adapt.in_plane {self.in_plane}: a share of the patches, from 0 to 1")
+
 
 @dataclass(frozen=True)
 class Settings:

@@ -98,8 +98,6 @@ def adapt_model(
     model = copy.deepcopy(net).to(device).train()
     if settings.layers not in ADAPTED_LAYERS:
         raise MedinpaintError(f"adapt.layers {settings.layers!r}: choose {' or '.join(ADAPTED_LAYERS)}")
-    if not 0.0 <= settings.in_plane <= 1.0:
-        raise MedinpaintError(f"adapt.in_plane {settings.in_plane}: a share of the patches, from 0 to 1")
     if settings.layers == "head":  # only the last 1x1x1 convolution learns: no backward pass through the UNet
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name.startswith("unet.final_conv."))
