@@ -57,20 +57,6 @@ def resampled(volume, factor: int):
     return volume.with_array(up.astype(np.float32))
 
 
-def acquired_run(volume):
-    """The longest run of slices the loader read as acquired (not resampled onto its grid, not placeholders)."""
-    made = set(getattr(volume, "resampled_slices", ()) or ()) | set(getattr(volume, "placeholder_slices", ()) or ())
-    best, start = (0, 0), 0
-    for k in range(volume.shape[2] + 1):
-        if k == volume.shape[2] or k in made:
-            best = max(best, (k - start, start))
-            start = k + 1
-    length, first = best
-    affine = volume.affine.copy()
-    affine[:3, 3] += affine[:3, 2] * first
-    return Volume(volume.array[:, :, first : first + length].copy(), affine, modality=volume.modality)
-
-
 def crop(volume, size: int | None):
     if not size:
         return volume
@@ -108,7 +94,7 @@ def main() -> None:
         if args.cases and not any(c in label for c in args.cases.split(",")):
             continue
         volume = medinpaint.load(args.data / name)
-        volume = crop(acquired_run(volume) if acquired_only else volume, args.crop)
+        volume = crop(volume.acquired_run() if acquired_only else volume, args.crop)
         if factor:
             volume = resampled(volume, factor)
         for run, gap in ((1, 3), (3, 3)):

@@ -128,6 +128,8 @@ class TrainSettings:
     slice_probability: float = 0.6
     slice_prefill: str = "linear"  # linear | cubic | auto: the interpolation the network refines (kept in the model)
     max_run: int = 5
+    in_plane_probability: float = 0.0  # task slices: share of crops of thick-sliced real scans whose slice axis is an in-plane axis (SMORE)
+    in_plane_min_ratio: float = 2.0  # ... only where slices are at least this many times thicker than the pixels
     validation_every: int = 200
     validation_patches: int = 24
     checkpoint_every: int = 200

@@ -243,3 +243,23 @@ def test_input_hash_covers_slices_that_are_not_placed_on_the_grid(tmp_path):
     ds.save_as(target)
     after = input_sha256(medinpaint.load(folder, slice_spacing=8.0))
     assert after != before
+
+
+def test_acquired_run_is_the_longest_stretch_the_loader_did_not_make(ge):
+    """Training and the quality benchmark take truth only from acquired slices: on the GE head that is the
+    14 slices at the 4 mm step, at their own place in the patient."""
+    made = set(ge.placeholder_slices) | set(ge.resampled_slices)
+    run = ge.acquired_run()
+    assert run.shape == (512, 512, 14) and not run.placeholder_slices and not run.resampled_slices
+    matches = [k for k in range(ge.shape[2] - 13) if np.array_equal(ge.array[:, :, k : k + 14], run.array)]
+    assert len(matches) == 1
+    first = matches[0]
+    assert not made & set(range(first, first + 14))
+    assert {first - 1, first + 14} & set(range(ge.shape[2])) <= made  # a longer run would not be acquired
+    np.testing.assert_allclose(run.affine[:3, 3], ge.affine[:3, 3] + first * ge.affine[:3, 2], atol=1e-6)
+
+
+def test_a_scan_with_no_acquired_slice_has_no_acquired_run():
+    volume = Volume(np.zeros((4, 4, 3), np.float32), np.eye(4), placeholder_slices=(0, 2), resampled_slices=(1,))
+    with pytest.raises(MedinpaintError, match="no acquired slice"):
+        volume.acquired_run()

@@ -257,7 +257,7 @@ def test_one_pick_is_bounded_over_its_plane_and_never_writes_the_network():
 def test_in_plane_patches_thicken_an_in_plane_axis_into_the_slice_axis():
     """A ramp along i seen through an in-plane patch: its slice axis steps by the thickness (mean of 7
     pixels per slice), its other axes are flat; a hidden plane is read as given, never from the scan."""
-    from medinpaint.inpaint.adapt import in_plane_patch
+    from medinpaint.training.in_plane import in_plane_patch
 
     ramp = np.arange(200, dtype=np.float32)[:, None, None] * np.ones((200, 150, 12), np.float32)
     patch = in_plane_patch(ramp, {}, np.array([100, 75]), (48, 48, 16), 7.2, 0, np.random.RandomState(0))

@@ -198,6 +198,8 @@ def test_metal_pairs_carry_the_photon_count_they_were_asked_for(tmp_path):
     ({"loader_workers": 0}, "loader_workers must be at least 1"),
     ({"l2_weight": -1.0}, "loss weights must be >= 0"),
     ({"l1_weight": 0.0}, "with l1_weight or l2_weight above 0"),
+    ({"in_plane_probability": 1.5}, "in_plane_probability must be in"),
+    ({"in_plane_min_ratio": 0.5}, "in_plane_min_ratio at least 1"),
 ])
 def test_training_settings_that_cannot_work_fail_before_any_work(tmp_path, change, message):
     from medinpaint.config import TrainSettings
@@ -207,3 +209,53 @@ def test_training_settings_that_cannot_work_fail_before_any_work(tmp_path, chang
     with pytest.raises(MedinpaintError, match=message):
         train(replace(TrainSettings(output_dir=str(tmp_path / "run")), **change), log=lambda _: None)
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def _thick_scan(shape=(160, 160, 6)):
+    """Slices 5 times thicker than the pixels, with the same in-plane picture in every slice: any patch
+    whose slice axis comes from an in-plane axis is constant along its second axis (the scan's slices)."""
+    rng = np.random.RandomState(1)
+    plane = rng.rand(*shape[:2]).astype(np.float32)
+    return np.repeat(plane[:, :, None], shape[2], axis=2)[None]
+
+
+def test_in_plane_crops_of_thick_scans_take_an_in_plane_axis_as_the_slice_axis():
+    from medinpaint.training.in_plane import RandInPlaneCropd
+
+    image = _thick_scan()
+    crop = RandInPlaneCropd((32, 32, 16), prob=1.0, min_ratio=2.0)
+    crop.set_random_state(0)
+    for _ in range(4):
+        out = crop({"image": image, "spacing": (1.0, 1.0, 5.0), "name": "thick"})
+        assert "spacing" not in out and out["name"] == "thick"
+        patch = out["image"][0]
+        assert patch.shape == (32, 32, 16)
+        assert np.ptp(patch, axis=1).max() < 1e-5  # the scan's own slice axis: every slice holds the same picture
+        assert np.ptp(patch, axis=2).min() > 0.05  # the new slice axis runs across the picture
+        np.testing.assert_array_equal(image, _thick_scan())  # the input is not modified
+
+
+@pytest.mark.parametrize("spacing, prob", [((1.0, 1.0, 5.0), 0.0), ((1.0, 1.0, 1.5), 1.0), (None, 1.0)])
+def test_in_plane_crops_leave_other_scans_alone(spacing, prob):
+    """Off (prob 0), near-isotropic scans (ratio under min_ratio) and procedural volumes (no spacing)."""
+    from medinpaint.training.in_plane import RandInPlaneCropd
+
+    image = _thick_scan()
+    out = RandInPlaneCropd((32, 32, 16), prob=prob, min_ratio=2.0)({"image": image, "spacing": spacing})
+    assert out["image"] is image and "spacing" not in out
+
+
+def test_slice_training_crops_a_scan_shorter_than_half_its_crop(tmp_path):
+    """A real scan of 6 slices under a crop of 24: padded symmetrically (reflection cannot pad that far),
+    and every patch has the patch size."""
+    import nibabel as nib
+
+    from medinpaint.config import TrainSettings
+    from medinpaint.training.train import patch_pipeline
+
+    path = tmp_path / "short.nii.gz"
+    nib.save(nib.Nifti1Image(_thick_scan()[0] * 1000.0 - 500.0, np.diag([1.0, 1.0, 5.0, 1.0])), path)
+    settings = TrainSettings(output_dir=str(tmp_path / "run"), patch_size=(32, 32, 16), crop_margin=1.5,
+                             patches_per_volume=2)
+    patches = patch_pipeline(settings)({"path": str(path), "modality": "CT"})
+    assert len(patches) == 2 and all(tuple(p["image"].shape) == (1, 32, 32, 16) for p in patches)

@@ -104,6 +104,20 @@ class Volume:
         affine[:3, 3] = self.affine[:3, :3] @ np.array([0.0, 0.0, float(start)]) + self.affine[:3, 3]
         return Volume(np.ascontiguousarray(self.array[:, :, start:stop]), affine, modality=self.modality)
 
+    def acquired_run(self) -> "Volume":
+        """The longest run of slices read as acquired (neither placeholders nor resampled onto the grid), as
+        a slab: what may serve as truth for training or a benchmark."""
+        made = set(self.placeholder_slices) | set(self.resampled_slices)
+        best, start = (0, 0), 0
+        for k in range(self.shape[2] + 1):
+            if k == self.shape[2] or k in made:
+                best = max(best, (k - start, start))
+                start = k + 1
+        length, first = best
+        if not length:
+            raise MedinpaintError("no acquired slice: every slice is a placeholder or resampled")
+        return self.slab(first, first + length)
+
     def same_grid(self, other: "Volume", atol_mm: float = 1e-3) -> bool:
         return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol_mm)
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.losses import SSIMLoss
-from scipy import ndimage
 
 from medinpaint.body import body_threshold
 from medinpaint.config import AdaptSettings, TrainSettings
@@ -31,6 +30,7 @@ from medinpaint.inpaint.network import InpaintingUNet
 from medinpaint.inpaint.normalize import Normalizer
 from medinpaint.inpaint.registered import with_registered_slices
 from medinpaint.training.damage import slice_damage
+from medinpaint.training.in_plane import in_plane_patch
 from medinpaint.training.train import masked_l1
 
 ADAPTED_LAYERS = ("head", "all")  # head: the network's last convolution only (fast, few parameters); all: every weight
@@ -192,39 +192,6 @@ def _thickness_ratio(spacing: tuple[float, float, float] | None, settings: Adapt
         return 0.0
     ratio = float(spacing[2]) / float(max(spacing[0], spacing[1]))
     return ratio if ratio >= settings.in_plane_min_ratio else 0.0
-
-
-def in_plane_patch(base: np.ndarray, hidden_planes: dict[int, np.ndarray], centre: np.ndarray, patch: tuple[int, int, int],
-                   ratio: float, axis: int, rng: np.random.RandomState) -> np.ndarray | None:
-    """A training patch whose slice axis is the in-plane ``axis``, averaged over ``round(ratio)`` pixels (a
-    slice as thick as the scan's), and whose second axis is the slice axis, cubic-resampled to the pixel
-    spacing: sharp in-plane anatomy as examples of the slice axis (SMORE, Zhao et al. 2019).  Laid out as
-    the network's (i, j, k); ``None`` where the scan is too small.  Left-out planes read as ``hidden_planes``."""
-    step = max(2, int(round(ratio)))
-    other = 1 - axis
-    n_along, n_other, n_k = base.shape[axis], base.shape[other], base.shape[2]
-    along, across = patch[2] * step, patch[0]
-    depth = int(np.ceil(patch[1] / ratio)) + 4  # slices read, with two on each side for the cubic spline
-    if n_along < along or n_other < across or n_k < min(depth, 4):
-        return None
-    depth = min(depth, n_k)
-    a0 = int(np.clip(centre[axis] - along // 2, 0, n_along - along))
-    o0 = int(np.clip(centre[other] - across // 2, 0, n_other - across))
-    k0 = rng.randint(0, n_k - depth + 1)
-    index = [slice(None)] * 2
-    index[axis], index[other] = slice(a0, a0 + along), slice(o0, o0 + across)
-    block = base[index[0], index[1], k0 : k0 + depth].astype(np.float32)
-    for k in range(k0, k0 + depth):
-        if k in hidden_planes:
-            block[:, :, k - k0] = hidden_planes[k][index[0], index[1]]
-    block = np.moveaxis(block, (other, axis), (0, 1))  # (across, along, k)
-    thick = block.reshape(across, patch[2], step, depth).mean(axis=2)  # (across, k', depth)
-    fine = ndimage.zoom(thick, (1, 1, ratio), order=3, mode="nearest")
-    first = max(0, (fine.shape[2] - patch[1]) // 2)
-    fine = fine[:, :, first : first + patch[1]]
-    if fine.shape[2] < patch[1]:
-        fine = np.pad(fine, ((0, 0), (0, 0), (0, patch[1] - fine.shape[2])), mode="edge")
-    return np.ascontiguousarray(np.moveaxis(fine, 2, 1))  # (across, slice axis resampled, in-plane axis thickened)
 
 
 @torch.no_grad()

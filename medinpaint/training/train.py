@@ -44,6 +44,7 @@ from medinpaint.inpaint.models import load_model, save_model
 from medinpaint.inpaint.network import InpaintingUNet
 from medinpaint.inpaint.normalize import Normalizer
 from medinpaint.training.damage import RandDamaged
+from medinpaint.training.in_plane import RandInPlaneCropd
 from medinpaint.training.procedural import procedural_volume
 
 
@@ -56,12 +57,13 @@ class LoadNormalized(MapTransform):
     def __call__(self, item: dict) -> dict:
         if "procedural_seed" in item:
             array = procedural_volume(item["procedural_seed"], tuple(item["shape"]), item["modality"])
-            modality = item["modality"]
-        else:
-            volume = load(item["path"], modality=item.get("modality"))
-            array, modality = np.nan_to_num(volume.array), volume.modality
+            modality, spacing = item["modality"], None
+        else:  # slices the loader made (placeholders for missing ones, resampled between irregular ones) are no truth
+            volume = load(item["path"], modality=item.get("modality")).acquired_run()
+            array, modality, spacing = np.nan_to_num(volume.array), volume.modality, tuple(float(s) for s in volume.spacing)
         normalizer = Normalizer.for_volume(array, modality)
-        return {"image": normalizer.forward(array)[None], "name": item.get("path", f"procedural-{item.get('procedural_seed')}")}
+        return {"image": normalizer.forward(array)[None], "name": item.get("path", f"procedural-{item.get('procedural_seed')}"),
+                "spacing": spacing}
 
 
 def source_items(settings: TrainSettings) -> list[dict]:
@@ -148,7 +150,9 @@ def patch_pipeline(settings: TrainSettings) -> Compose:
     return Compose(
         [
             LoadNormalized(),
-            SpatialPadd(keys="image", spatial_size=crop, mode="reflect"),
+            RandInPlaneCropd(crop, settings.in_plane_probability, settings.in_plane_min_ratio),
+            # symmetric, not reflect: torch's reflection fails on a scan with fewer than half the crop's slices
+            SpatialPadd(keys="image", spatial_size=crop, mode="symmetric"),
             RandSpatialCropd(keys="image", roi_size=crop, random_size=False),
             RandZoomd(
                 keys="image", prob=0.8, min_zoom=settings.zoom_min, max_zoom=settings.zoom_max,
@@ -197,6 +201,9 @@ def train(settings: TrainSettings, resume: bool = False, log=print) -> Path:
         raise MedinpaintError("original_input is for task metal (a missing slice has no original to read)")
     if settings.registered_input and settings.task != "slices":
         raise MedinpaintError("registered_input is for task slices (it interpolates missing slices)")
+    if not 0.0 <= settings.in_plane_probability <= 1.0 or settings.in_plane_min_ratio < 1.0:
+        raise MedinpaintError(f"in_plane_probability must be in [0, 1] and in_plane_min_ratio at least 1, got "
+                              f"{settings.in_plane_probability} and {settings.in_plane_min_ratio}")
     if settings.loader_workers < 1:
         raise MedinpaintError(f"loader_workers must be at least 1, got {settings.loader_workers}")
     weights = {"l1_weight": settings.l1_weight, "l2_weight": settings.l2_weight, "ssim_weight": settings.ssim_weight}
