@@ -37,7 +37,7 @@ class MetalDetection:
     halo_hu: float | None = 600.0  # the rim around metal above this HU is re-filled with it (None: the metal alone, literature LI/NMAR)
     halo_px: int = 12  # how far from the metal that rim may reach
     gate: str = "auto"  # auto: correct a slice only when its streak evidence reaches gate_threshold; off: always correct
-    gate_threshold: float = 1.0  # streak evidence (RMS of the smoothed change around the metal / the noise) needed to correct
+    gate_threshold: float = 0.6  # streak evidence (RMS of the smoothed change around the metal / the noise) needed to correct
     ring_mm: float = 40.0  # the evidence is measured within this distance of the metal; the noise farther away
     keep_high_frequencies_px: float | None = None  # FSMAR-like: Gaussian sigma (pixels) low-passing the change; None = the full change
     refine: str = "classical"  # classical: the change-only correction; network: refined by the metal model (--method network)
