@@ -81,6 +81,11 @@ def _metrics(reference: np.ndarray, image: np.ndarray, region: np.ndarray) -> di
             "rmse_hu": round(float(np.sqrt(mse)), 1)}
 
 
+def low_pass(image: np.ndarray) -> np.ndarray:
+    """In-plane Gaussian low-pass (sigma STREAK_SIGMA_PX) of a volume: the streaks kept, most pixel noise dropped."""
+    return ndimage.gaussian_filter(np.nan_to_num(image.astype(np.float64)), (STREAK_SIGMA_PX, STREAK_SIGMA_PX, 0))
+
+
 def score(reference: np.ndarray, image: np.ndarray, region: np.ndarray) -> dict:
     """PSNR (data range of the reference in the region), SSIM (7 px windows, per slice) and RMSE in HU; and the same
     after an in-plane Gaussian low-pass of both images (``streaks``, sigma STREAK_SIGMA_PX).
@@ -91,8 +96,7 @@ def score(reference: np.ndarray, image: np.ndarray, region: np.ndarray) -> dict:
     they measure artifact removal without rewarding or punishing the noise a method leaves.
     """
     out = _metrics(reference, image, region)
-    low = [ndimage.gaussian_filter(np.nan_to_num(x.astype(np.float64)), (STREAK_SIGMA_PX, STREAK_SIGMA_PX, 0)) for x in (reference, image)]
-    out["streaks"] = _metrics(*low, region)
+    out["streaks"] = _metrics(low_pass(reference), low_pass(image), region)
     return out
 
 
@@ -118,7 +122,7 @@ def gain_per_slice(reference: np.ndarray, acquired: np.ndarray, corrected: np.nd
         m = region[:, :, k]
         if not m.any():
             continue
-        ref, kept, fixed = (ndimage.gaussian_filter(np.nan_to_num(x[:, :, k].astype(np.float64)), STREAK_SIGMA_PX) for x in (reference, acquired, corrected))
+        ref, kept, fixed = (low_pass(x[:, :, k : k + 1])[:, :, 0] for x in (reference, acquired, corrected))
         mse_kept, mse_fixed = (float(np.mean((x[m] - ref[m]) ** 2)) for x in (kept, fixed))
         out.append([int(k), decision["streak_evidence"], round(10 * np.log10(max(mse_kept, 1e-12) / max(mse_fixed, 1e-12)), 2)])
     return out
