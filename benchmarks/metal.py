@@ -23,13 +23,13 @@ on the slices holding metal; and the same after a Gaussian low-pass of both imag
   LI, NMAR      the whole slice replaced by the literature's correction (the metal's trace alone)
   change_only   image + FBP(NMAR sinogram - sinogram of the image), metal halo re-filled, written in
                 the region where that change is significant, every slice corrected (metal.gate: off)
-  default       what `medinpaint correct` writes with the shipped settings (change-only, gated)
+  default       what `medinpaint correct` writes with the shipped settings, or those of --config FILE (change-only, gated)
   network       the change-only fill refined by the metal model (metal.refine: network), gated
   gate          per slice: the streak evidence and the decision
   per_slice     per slice: [slice, streak evidence, streaks gain of change_only over uncorrected in dB], the
                 data the gate threshold is chosen from (printed at the end, sorted by evidence)
 
-    python benchmarks/metal.py [--configs 4] [--views 720] [--photons 2e5] [--cache DIR] [--model NAME_OR_PATH]
+    python benchmarks/metal.py [--configs 4] [--views 720] [--photons 2e5] [--cache DIR] [--model NAME_OR_PATH] [--config FILE]
     PYTHONPATH=/tmp/gecatsim/gecatsim-1.6.9 python benchmarks/metal.py --xcist DIR [--xcist-views 500] [--ma 200,800]
 """
 
@@ -56,7 +56,7 @@ from medinpaint.artifacts.labels import ArtifactKind
 from medinpaint.artifacts.metal import MetalDetection
 from medinpaint.artifacts.metal_correction import geometry_for
 from medinpaint.body import body_mask
-from medinpaint.config import Settings
+from medinpaint.config import Settings, load_settings
 from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, MODELS_DIR
 from medinpaint.metal.mar import li_mar, nmar
 from medinpaint.simulate import simulate_metal_volume
@@ -128,9 +128,10 @@ def gain_per_slice(reference: np.ndarray, acquired: np.ndarray, corrected: np.nd
     return out
 
 
-def score_case(damaged, reference: np.ndarray, true_metal: np.ndarray, network: bool, model: str | None) -> dict:
-    """Every column for one case (damaged: a Volume; reference and true_metal on its grid)."""
-    default = Settings()
+def score_case(damaged, reference: np.ndarray, true_metal: np.ndarray, network: bool, model: str | None,
+               default: Settings) -> dict:
+    """Every column for one case (damaged: a Volume; reference and true_metal on its grid); ``default`` is what
+    `medinpaint correct` would use (the shipped settings, or a ``--config`` file's)."""
     found = find_artifacts(damaged, artifacts="metal", metal_settings=default.metal)
     detected = found.labels == ArtifactKind.METAL
     ks = sorted(set(np.flatnonzero((true_metal | detected).any(axis=(0, 1))).tolist()))
@@ -299,7 +300,7 @@ def run_xcist(args, clean, network: bool) -> list[dict]:
             damaged = grid.with_array(case["damaged"][:, :, None])
             true_metal = (case["metal"] > 0.25)[:, :, None]
             row = {"case": f"xcist {kind} {ma:g} mA", "material": str(case["material"])}
-            row |= score_case(damaged, case["truth"][:, :, None], true_metal, network, args.model)
+            row |= score_case(damaged, case["truth"][:, :, None], true_metal, network, args.model, args.settings)
             row["seconds"] = round(time.perf_counter() - started, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -322,7 +323,7 @@ def run_own(args, clean, network: bool) -> list[dict]:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 np.savez_compressed(cached, damaged=damaged.array, reference=reference, labels=labels)
         row = {"case": f"own {kind} seed {seed} {args.photons:g} photons"}
-        row |= score_case(damaged, reference, labels == ArtifactKind.METAL, network, args.model)
+        row |= score_case(damaged, reference, labels == ArtifactKind.METAL, network, args.model, args.settings)
         row["seconds"] = round(time.perf_counter() - started, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -342,7 +343,10 @@ def main() -> None:
                         help="XCIST: tube currents, comma-separated (the noise levels; 1 mm slice, 1 s rotation)")
     parser.add_argument("--model", help=f"the metal model for the network column (default {DEFAULT_METAL_MODEL})")
     parser.add_argument("--no-network", action="store_true", help="skip the network column (slow on the CPU)")
+    parser.add_argument("--config", type=Path, help="settings YAML for the default and change_only columns (as `correct --config`), "
+                        "e.g. to score another metal.streak_threshold_noise; default: the shipped settings")
     args = parser.parse_args()
+    args.settings = load_settings(args.config)
     clean = medinpaint.load(args.data / "ct_abdomen_dicom")
     network = not args.no_network and (args.model is not None or (MODELS_DIR / f"{DEFAULT_METAL_MODEL}.safetensors").is_file())
     rows = run_xcist(args, clean, network) if args.xcist else run_own(args, clean, network)
@@ -361,7 +365,7 @@ def main() -> None:
     print(json.dumps({"mean_over_cases": summary}, indent=2))
     slices = sorted((evidence, gain, r["case"], k) for r in rows for k, evidence, gain in r["per_slice"])
     print(f"\nper slice with metal, by streak evidence: streaks gain of correcting it (gate off) over keeping it "
-          f"(the gate corrects from {MetalDetection().gate_threshold:g})\n| evidence | gain dB | case | slice |\n|---|---|---|---|")
+          f"(the gate corrects from {args.settings.metal.gate_threshold:g})\n| evidence | gain dB | case | slice |\n|---|---|---|---|")
     for evidence, gain, case, k in slices:
         print(f"| {evidence:.3f} | {gain:+.2f} | {case} | {k} |")
     for scores in ("plain", "streaks"):

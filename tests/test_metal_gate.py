@@ -71,7 +71,7 @@ def test_mild_metal_is_kept_as_acquired_and_the_provenance_says_so(cli, tmp_path
         assert decision["streak_evidence"] < decision["threshold"] == MetalDetection().gate_threshold
 
     # gate: off (a documented setting) forces the correction of the same slices; with streaks this mild
-    # the change is significant only against a lower bar (streak_threshold_noise, also documented)
+    # (streak_threshold_noise is documented beside it; 0.5 is also its default)
     config = tmp_path / "force.yaml"
     config.write_text(yaml.safe_dump({"metal": {"gate": "off", "streak_threshold_noise": 0.5}}))
     code, _, err = cli("--quiet", "correct", path, tmp_path / "forced.nii.gz", "--artifacts", "metal", "--config", config)
@@ -95,7 +95,8 @@ def test_strong_metal_is_corrected_only_where_the_change_is_significant(strong):
         assert 0 < region[body].mean() < 0.6  # a local region, not the whole slice
         # outside the region the change is below the threshold the region was cut at
         change = found.metal_corrected[k] - damaged.array[:, :, k]
-        threshold = max(MetalDetection().streak_threshold_hu, found.metal_gate[k]["noise_hu"])
+        settings = MetalDetection()
+        threshold = max(settings.streak_threshold_hu, settings.streak_threshold_noise * found.metal_gate[k]["noise_hu"])
         assert np.abs(change[~region & body]).mean() < threshold
     scored = np.zeros(labels.shape, bool)
     scored[:, :, corrected_slices] = True

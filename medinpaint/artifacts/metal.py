@@ -33,7 +33,7 @@ class MetalDetection:
     threshold_hu: float | None = None  # None: 2500 HU, or 2800 HU when the scan is clipped at 3071
     min_voxels: int = 3  # smaller bright specks are noise, not metal
     streak_threshold_hu: float = 10.0  # streak region: smoothed |change| above this many HU ...
-    streak_threshold_noise: float = 1.0  # ... and above this many times the slice's noise
+    streak_threshold_noise: float = 0.5  # ... and above this many times the slice's noise
     halo_hu: float | None = 600.0  # the rim around metal above this HU is re-filled with it (None: the metal alone, literature LI/NMAR)
     halo_px: int = 12  # how far from the metal that rim may reach
     gate: str = "auto"  # auto: correct a slice only when its streak evidence reaches gate_threshold; off: always correct
