@@ -70,8 +70,8 @@ def test_mild_metal_is_kept_as_acquired_and_the_provenance_says_so(cli, tmp_path
         assert decision["decision"] == "kept as acquired, streak evidence below threshold"
         assert decision["streak_evidence"] < decision["threshold"] == MetalDetection().gate_threshold
 
-    # gate: off (a documented setting) forces the correction of the same slices; with streaks this mild
-    # (streak_threshold_noise is documented beside it; 0.5 is also its default)
+    # gate: off (a documented setting) forces the correction of the same slices; the streak region's
+    # threshold (streak_threshold_noise, also documented) is set explicitly so the test does not follow its default
     config = tmp_path / "force.yaml"
     config.write_text(yaml.safe_dump({"metal": {"gate": "off", "streak_threshold_noise": 0.5}}))
     code, _, err = cli("--quiet", "correct", path, tmp_path / "forced.nii.gz", "--artifacts", "metal", "--config", config)
