@@ -89,13 +89,13 @@ def test_strong_metal_is_corrected_only_where_the_change_is_significant(strong):
     streaks = found.labels == ArtifactKind.METAL_STREAK
     fixed = medinpaint.correct(damaged, found, method="classical").volume.array
     assert np.array_equal(fixed[~streaks], damaged.array[~streaks])  # beyond the streak region: bit-identical
+    settings = MetalDetection()
     for k in corrected_slices:
         region = streaks[:, :, k]
         body = damaged.array[:, :, k] > -500
         assert 0 < region[body].mean() < 0.6  # a local region, not the whole slice
         # outside the region the change is below the threshold the region was cut at
         change = found.metal_corrected[k] - damaged.array[:, :, k]
-        settings = MetalDetection()
         threshold = max(settings.streak_threshold_hu, settings.streak_threshold_noise * found.metal_gate[k]["noise_hu"])
         assert np.abs(change[~region & body]).mean() < threshold
     scored = np.zeros(labels.shape, bool)
