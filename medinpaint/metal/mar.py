@@ -19,6 +19,7 @@ COARSE_LI_FROM_PX = 256  # NMAR's prior is reconstructed at half resolution from
 DARKER_THAN_AIR_HU = -1100.0  # mar_change raises voxels below this to air: no noise makes them, metal does
 AIR_HU = -1000.0
 MU_SCALE = 1.0 / 1000.0  # projections are of (HU + 1000) / 1000: water = 1, air = 0
+PRIOR_FLOOR_MM = 5.0  # NMAR normalises only by prior rays through at least this much water-equivalent path (mm)
 
 
 def _mu(hu: torch.Tensor) -> torch.Tensor:
@@ -193,9 +194,17 @@ def _check_method(method: str) -> None:
 
 
 def _normalised_fill(geometry: FanBeamGeometry, sino: torch.Tensor, prior_sino: torch.Tensor, trace: torch.Tensor) -> torch.Tensor:
-    """NMAR's fill: interpolate the sinogram normalised by the prior's, then undo the normalisation."""
+    """NMAR's fill: interpolate the sinogram normalised by the prior's, then undo the normalisation.
+
+    The ratio is meaningless where the prior sees (almost) no patient on a ray next to the trace:
+    a ray grazing the skin, which the prior classed as air, gave ratios in the thousands, carried
+    across the trace onto rays through the whole patient (metal near the body's edge in a 3 mm
+    scan: a change of 800 000 HU). Trace bins that read such a ray are filled by LI instead.
+    """
     eps = 1e-3 * geometry.ray_step_mm  # rays through air only: keep the ratio finite
-    return interpolate_trace(sino / (prior_sino + eps), trace) * (prior_sino + eps)
+    filled = interpolate_trace(sino / (prior_sino + eps), trace) * (prior_sino + eps)
+    grazing = interpolate_trace((prior_sino < PRIOR_FLOOR_MM).float(), trace) > 0
+    return torch.where(grazing & trace, interpolate_trace(sino, trace), filled)
 
 
 def _mar_sinograms(image_hu, metal_mask, geometry, method, filter, trace_mask, air_hu=-500.0, bone_hu=350.0):
