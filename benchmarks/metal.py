@@ -30,7 +30,7 @@ on the slices holding metal; and the same after a Gaussian low-pass of both imag
                 data the gate threshold is chosen from (printed at the end, sorted by evidence)
 
     python benchmarks/metal.py [--configs 4] [--views 720] [--photons 2e5] [--cache DIR] [--model NAME_OR_PATH] [--config FILE]
-    python benchmarks/metal.py --other-scans 45 [--cache DIR] --no-network   (random metal in every real CT of --data)
+    python benchmarks/metal.py --other-scans 42 [--cache DIR] --no-network   (random metal in every real CT of --data)
     PYTHONPATH=/tmp/gecatsim/gecatsim-1.6.9 python benchmarks/metal.py --xcist DIR [--xcist-views 500] [--ma 200,800]
 """
 
