@@ -335,7 +335,8 @@ def run_own(args, clean, network: bool) -> list[dict]:
     return rows
 
 
-OTHER_SCANS = ("ct_abdomen_3mm.nii.gz", "ct_abdomen_dicom", "ct_head_ge_variable_spacing")  # 3 mm abdomen, 1 mm abdomen, GE head
+# (scan, first slice a slab may start at): the 3 mm abdomen's first 20 slices hold a dense object of their own
+OTHER_SCANS = (("ct_abdomen_3mm.nii.gz", 20), ("ct_abdomen_dicom", 2), ("ct_head_ge_variable_spacing", 2))
 
 
 def run_other_scans(args, network: bool) -> list[dict]:
@@ -347,7 +348,7 @@ def run_other_scans(args, network: bool) -> list[dict]:
     which the metal-free reference keeps), the 1 mm abdomen and a GE head CT. Views 720 with
     clinical channel sampling (240 views and channels for the 122 x 101 3 mm grid).
     """
-    scans = [medinpaint.load(args.data / name) for name in OTHER_SCANS]
+    scans = [medinpaint.load(args.data / name) for name, _ in OTHER_SCANS]
     rows = []
     for i in range(args.other_scans):
         started = time.perf_counter()
@@ -357,12 +358,12 @@ def run_other_scans(args, network: bool) -> list[dict]:
         kind = ("rod", "ball", "irregular", "screw", "rod")[rng.integers(5)]
         photons = float(rng.choice([2e5, 5e5, 2e6]))
         small = min(scan.shape[:2]) < 256
-        k0 = int(rng.integers(20 if which == 0 else 2, scan.shape[2] - 5))
+        k0 = int(rng.integers(OTHER_SCANS[which][1], scan.shape[2] - 5))
         views, channels = (240, 240) if small else (720, None)
         cached = args.cache / f"other-{i:03d}.npz" if args.cache else None
         damaged, reference, labels = simulated_case(scan.slab(k0, k0 + 3), cached, seed=i, kind=kind, views=views, channels=channels,
                                                     photons=photons)
-        row = {"case": f"other {i} {OTHER_SCANS[which].split('.')[0]} slices {k0}-{k0 + 2} {kind} {photons:g} photons"}
+        row = {"case": f"other {i} {OTHER_SCANS[which][0].split('.')[0]} slices {k0}-{k0 + 2} {kind} {photons:g} photons"}
         row |= score_case(damaged, reference, labels == ArtifactKind.METAL, network, args.model, args.settings)
         row["seconds"] = round(time.perf_counter() - started, 1)
         rows.append(row)

@@ -157,7 +157,7 @@ def mar_change(
     if method == "nmar":
         prior = nmar_prior(_coarse_li(geometry, mu, trace_mask, trace, filter, pixels), trace_mask)
         prior_sino = project(geometry, torch.where(pixels, _mu(prior), torch.zeros_like(prior)), rays=needed, support=around)
-        corrected = _normalised_fill(geometry, sino, prior_sino, trace)
+        corrected = _normalised_fill(geometry, sino, prior_sino, trace, li_sino=corrected)
     change = fbp(geometry, corrected - sino, filter=filter, pixels=pixels) / MU_SCALE
     # The sinograms are of the image raised to air (AIR_HU). Voxels far darker than air (photon
     # starvation beside dense metal: -2700 HU on XCIST's silver) are artifact by definition, and the
@@ -193,18 +193,20 @@ def _check_method(method: str) -> None:
         raise ValueError(f"unknown MAR method {method!r}; choose li or nmar")
 
 
-def _normalised_fill(geometry: FanBeamGeometry, sino: torch.Tensor, prior_sino: torch.Tensor, trace: torch.Tensor) -> torch.Tensor:
+def _normalised_fill(
+    geometry: FanBeamGeometry, sino: torch.Tensor, prior_sino: torch.Tensor, trace: torch.Tensor, li_sino: torch.Tensor,
+) -> torch.Tensor:
     """NMAR's fill: interpolate the sinogram normalised by the prior's, then undo the normalisation.
 
     The ratio is meaningless where the prior sees (almost) no patient on a ray next to the trace:
     a ray grazing the skin, which the prior classed as air, gave ratios in the thousands, carried
     across the trace onto rays through the whole patient (metal near the body's edge in a 3 mm
-    scan: a change of 800 000 HU). Trace bins that read such a ray are filled by LI instead.
+    scan: a change of 800 000 HU). Trace bins that read such a ray take ``li_sino`` (the caller's LI fill) instead.
     """
     eps = 1e-3 * geometry.ray_step_mm  # rays through air only: keep the ratio finite
     filled = interpolate_trace(sino / (prior_sino + eps), trace) * (prior_sino + eps)
     grazing = interpolate_trace((prior_sino < PRIOR_FLOOR_MM).float(), trace) > 0
-    return torch.where(grazing & trace, interpolate_trace(sino, trace), filled)
+    return torch.where(grazing & trace, li_sino, filled)
 
 
 def _mar_sinograms(image_hu, metal_mask, geometry, method, filter, trace_mask, air_hu=-500.0, bone_hu=350.0):
@@ -219,5 +221,5 @@ def _mar_sinograms(image_hu, metal_mask, geometry, method, filter, trace_mask, a
     li_img = _fbp_hu(geometry, li_sino, filter)
     prior = nmar_prior(li_img, trace_mask, air_hu, bone_hu)
     prior_sino = project(geometry, _mu(prior))
-    corrected = _normalised_fill(geometry, sino, prior_sino, trace)
+    corrected = _normalised_fill(geometry, sino, prior_sino, trace, li_sino)
     return img, mask, trace_mask, sino, corrected, squeeze
