@@ -249,6 +249,24 @@ def test_metal_halo_is_the_bright_rim_touching_the_metal():
         metal_halo(img, metal[:, :30])
 
 
+def test_metal_halo_leaves_out_bone_that_reaches_beyond_the_rim():
+    """A screw in a skull: the bone around the metal goes on far beyond the rim's reach, and only
+    the pixels nearer the metal than the bone's far part are the rim."""
+    img = np.zeros((60, 60), np.float32)
+    metal = np.zeros((60, 60), bool)
+    metal[28:32, 28:32] = True
+    img[metal] = 4000
+    img[26:34, :] = np.where(metal[26:34, :], 4000, 1200)  # a band of bone, 8 px thick, right across the slice
+    halo = metal_halo(img, metal, low_hu=600, max_px=12)
+    assert halo.any() and not (halo & metal).any()
+    assert halo[:, :16].sum() == halo[:, 44:].sum() == 0  # bone 12 px and more from the metal: kept
+    cols = np.flatnonzero(halo.any(axis=0))
+    assert cols.min() >= 21 and cols.max() <= 38  # nearer the metal (<= 6 px) than bone beyond the reach (>= 12 px)
+    assert halo[26:34, 26:28].all() and halo[26:34, 32:34].all()  # the bone right beside the metal is still its rim
+    img[26:34, :18] = img[26:34, 42:] = 0  # the same band ending within the reach (<= 10.2 px): all of it is rim
+    assert metal_halo(img, metal, low_hu=600, max_px=12).sum() == 8 * 24 - 16
+
+
 def test_refilling_the_halo_mends_a_blooming_screw_and_costs_little_elsewhere(scene):
     """NMAR re-fills only the metal's trace; the bright rim below the metal threshold stays, and a
     rim beside thin metal is seen by few metal rays, so NMAR keeps it (its prior classes it as bone).
