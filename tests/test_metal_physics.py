@@ -8,7 +8,7 @@ import torch
 
 from medinpaint.metal import materials
 from medinpaint.metal.fanbeam import FanBeamGeometry, coarser, enclosing_circle, fbp, project, rays_near
-from medinpaint.metal.mar import interpolate_trace, li_mar, metal_trace, nmar
+from medinpaint.metal.mar import interpolate_trace, li_mar, metal_trace, nmar, nmar_prior, with_acquired_bone
 from medinpaint.body import body_mask
 from medinpaint.metal.masks import find_metal, metal_halo, overlap, streak_region
 from medinpaint.metal.simulate import random_metal, random_metal_volume, simulate_metal
@@ -265,6 +265,38 @@ def test_metal_halo_leaves_out_bone_that_reaches_beyond_the_rim():
     assert halo[26:34, 26:28].all() and halo[26:34, 32:34].all()  # the bone right beside the metal is still its rim
     img[26:34, :18] = img[26:34, 42:] = 0  # the same band ending within the reach (<= 10.2 px): all of it is rim
     assert metal_halo(img, metal, low_hu=600, max_px=12).sum() == 8 * 24 - 16
+
+
+def test_nmar_prior_gets_back_the_bone_that_li_lost_but_not_streaks():
+    """A screw in a skull: LI loses the skull beside the metal, the acquired image still shows it.
+    The prior takes that bone back (the skull is confirmed as bone by LI far from the metal); a
+    bright island beside the metal that LI never shows as bone far away (a streak) stays tissue,
+    and so does a streak touching the skull that runs brighter than the skull's own bone."""
+    yy, xx = np.mgrid[:128, :128]
+    r = np.hypot(yy - 64, xx - 64)
+    acquired = np.where((r >= 40) & (r <= 48), 1200.0, 0.0).astype(np.float32)
+    acquired[r > 48] = -1000
+    metal = np.hypot(yy - 64, xx - 108) <= 3  # in the skull's wall
+    acquired[metal] = 4000
+    streak = (abs(yy - 64) <= 1) & (xx >= 80) & (xx <= 96)  # bright, inside the skull, near the metal, not touching the skull
+    acquired[streak] = 900
+    attached = (abs(xx - 100) <= 1) & (yy >= 70) & (r < 40)  # a streak touching the skull, brighter than any of its bone
+    acquired[attached] = 2500
+    li = acquired.copy()
+    li[attached] = 0
+    lost = np.hypot(yy - 64, xx - 108) <= 14
+    li[lost & (r >= 40) & (r <= 48)] = 0  # LI interpolated the skull away around the metal
+    li[streak] = 0
+    li[metal] = 0
+    img, li_t, mask = (torch.from_numpy(a)[None] for a in (acquired, li, metal))
+    prior = nmar_prior(li_t, mask)
+    fixed = with_acquired_bone(prior, li_t, img, mask)[0].numpy()
+    skull_near = lost & (r >= 41) & (r <= 47) & (np.hypot(yy - 64, xx - 108) > 5)
+    assert (prior[0].numpy()[skull_near] < 100).all()  # the LI prior lacks it
+    assert np.allclose(fixed[skull_near], 1200)  # now it has it
+    assert (fixed[streak] < 100).all() and (fixed[attached] < 100).all() and (fixed[metal] == 0).all()
+    away = np.hypot(yy - 64, xx - 108) > 16  # beyond what LI lost (and its smoothing)
+    assert np.array_equal(fixed[away], prior[0].numpy()[away])  # nothing changes where LI kept the bone
 
 
 def test_refilling_the_halo_mends_a_blooming_screw_and_costs_little_elsewhere(scene):
