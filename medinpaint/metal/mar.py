@@ -23,6 +23,7 @@ AIR_HU = -1000.0
 MU_SCALE = 1.0 / 1000.0  # projections are of (HU + 1000) / 1000: water = 1, air = 0
 PRIOR_FLOOR_MM = 5.0  # NMAR normalises only by prior rays through at least this much water-equivalent path (mm)
 BONE_CONFIRMED_BEYOND_PX = 12  # acquired bone joins NMAR's prior when LI shows the same structure this far from the metal
+BONE_CAP_PERCENTILE = 99  # ... and is no brighter than this percentile of that far part (brighter: streaks)
 
 
 def _mu(hu: torch.Tensor) -> torch.Tensor:
@@ -145,7 +146,7 @@ def with_acquired_bone(
         confirmed = li_bone[i] & (ndimage.distance_transform_edt(~metal[i]) > BONE_CONFIRMED_BEYOND_PX) & (labels > 0)
         for label in np.unique(labels[confirmed]):
             structure = labels == label
-            extra[i] |= structure & (values[i] <= np.percentile(values[i][structure & confirmed], 99))
+            extra[i] |= structure & (values[i] <= np.percentile(values[i][structure & confirmed], BONE_CAP_PERCENTILE))
     extra = torch.from_numpy(extra).to(prior_hu.device)
     return torch.where(extra & (image_hu > prior_hu), image_hu, prior_hu)
 
@@ -178,8 +179,9 @@ def mar_change(
 
     NMAR's prior also takes back the acquired image's bone that LI lost (``with_acquired_bone``);
     the literature's ``nmar`` does not. Only the rays through the trace and its two neighbours are
-    projected at full resolution, and NMAR's prior comes from an LI reconstruction at half resolution: the cost is that of the
-    trace and of back-projecting ``pixels``, not of two full round trips.
+    projected at full resolution, and NMAR's prior comes from an LI reconstruction at half
+    resolution: the cost is that of the trace and of back-projecting ``pixels``, not of two full
+    round trips.
     """
     _check_method(method)
     img, mask, trace_mask, squeeze = _prepare(image_hu, metal_mask, geometry, trace_mask)
