@@ -163,6 +163,14 @@ def score_case(damaged, reference: np.ndarray, true_metal: np.ndarray, network: 
     return row
 
 
+def scored_row(case: dict, damaged, reference: np.ndarray, true_metal: np.ndarray, started: float, args, network: bool) -> dict:
+    """One benchmark row, printed as it is made: ``case`` (its name and facts), every column, the seconds since ``started``."""
+    row = case | score_case(damaged, reference, true_metal, network, args.model, args.settings)
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 # ----- XCIST ---------------------------------------------------------------------------------------
 
 def _import_xcist():
@@ -300,11 +308,8 @@ def run_xcist(args, clean, network: bool) -> list[dict]:
             grid = clean.slab(k, k + 1)
             damaged = grid.with_array(case["damaged"][:, :, None])
             true_metal = (case["metal"] > 0.25)[:, :, None]
-            row = {"case": f"xcist {kind} {ma:g} mA", "material": str(case["material"])}
-            row |= score_case(damaged, case["truth"][:, :, None], true_metal, network, args.model, args.settings)
-            row["seconds"] = round(time.perf_counter() - started, 1)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append(scored_row({"case": f"xcist {kind} {ma:g} mA", "material": str(case["material"])}, damaged,
+                                   case["truth"][:, :, None], true_metal, started, args, network))
     return rows
 
 
@@ -327,11 +332,8 @@ def run_own(args, clean, network: bool) -> list[dict]:
         noise = "" if args.photons == 2e5 else f"-{args.photons:g}photons"
         cached = args.cache / f"own-{kind}-{seed}-{args.views}views{noise}.npz" if args.cache else None
         damaged, reference, labels = simulated_case(clean, cached, seed=seed, kind=kind, views=args.views, photons=args.photons)
-        row = {"case": f"own {kind} seed {seed} {args.photons:g} photons"}
-        row |= score_case(damaged, reference, labels == ArtifactKind.METAL, network, args.model, args.settings)
-        row["seconds"] = round(time.perf_counter() - started, 1)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(scored_row({"case": f"own {kind} seed {seed} {args.photons:g} photons"}, damaged, reference,
+                               labels == ArtifactKind.METAL, started, args, network))
     return rows
 
 
@@ -363,11 +365,8 @@ def run_other_scans(args, network: bool) -> list[dict]:
         cached = args.cache / f"other-{i:03d}.npz" if args.cache else None
         damaged, reference, labels = simulated_case(scan.slab(k0, k0 + 3), cached, seed=i, kind=kind, views=views, channels=channels,
                                                     photons=photons)
-        row = {"case": f"other {i} {OTHER_SCANS[which][0].split('.')[0]} slices {k0}-{k0 + 2} {kind} {photons:g} photons"}
-        row |= score_case(damaged, reference, labels == ArtifactKind.METAL, network, args.model, args.settings)
-        row["seconds"] = round(time.perf_counter() - started, 1)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        name = f"other {i} {OTHER_SCANS[which][0].split('.')[0]} slices {k0}-{k0 + 2} {kind} {photons:g} photons"
+        rows.append(scored_row({"case": name}, damaged, reference, labels == ArtifactKind.METAL, started, args, network))
     return rows
 
 
