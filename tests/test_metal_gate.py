@@ -214,3 +214,25 @@ def test_metal_at_the_body_edge_does_not_blow_up_nmar():
     full = nmar(image, torch.from_numpy(metal), g).numpy()
     assert np.abs(full - image.numpy())[body & ~metal].max() < 2000
     assert np.abs(change[body & ~metal]).max() > 50  # it still corrects
+
+
+def test_metal_at_the_skin_is_filled_by_offset_where_the_prior_disagrees():
+    """A rod at the skin: LI's prior takes the skin beside it for air, and NMAR's ratio multiplied that
+    error into every ray through the metal (a bright band along the skin's tangent, -9.5 dB on a real
+    3 mm CT). Where the prior and the scan disagree beside the trace the fill is offset, not scaled:
+    the corrected disk is then well closer to the truth than LI's, as NMAR should be."""
+    g = FanBeamGeometry((96, 96), 2.0, n_views=144, n_channels=144)
+    yy, xx = np.mgrid[:96, :96]
+    body = np.hypot(yy - 48, xx - 48) < 30
+    truth = np.where(body, 40.0, -1000.0) + np.where(body, np.random.default_rng(0).normal(0, 5, (96, 96)), 0.0)
+    for row, radius in ((77, 3.0), (76, 4.0)):
+        metal = np.hypot(yy - row, xx - 48) < radius  # at the skin, partly outside the body
+        image = torch.from_numpy(np.where(metal, 3000.0, truth).astype(np.float32))
+        pixels = torch.from_numpy(ndimage.binary_dilation(body | metal, iterations=8))
+        region = body & ~ndimage.binary_dilation(metal)
+
+        def error(method):
+            change = mar_change(image, torch.from_numpy(metal), g, method=method, pixels=pixels).numpy()
+            return np.sqrt((ndimage.gaussian_filter(image.numpy() + change - truth, 1.0)[region] ** 2).mean())
+
+        assert error("nmar") < 0.6 * error("li")  # 0.34-0.38 x here; with the ratio alone 0.98-1.03 x

@@ -22,6 +22,7 @@ DARKER_THAN_AIR_HU = -1100.0  # mar_change raises voxels below this to air: no n
 AIR_HU = -1000.0
 MU_SCALE = 1.0 / 1000.0  # projections are of (HU + 1000) / 1000: water = 1, air = 0
 PRIOR_FLOOR_MM = 5.0  # NMAR normalises only by prior rays through at least this much water-equivalent path (mm)
+PRIOR_AGREES_WITHIN = 1.5  # mar_change normalises only where the scan and the prior agree within this factor beside the trace
 BONE_CONFIRMED_BEYOND_PX = 12  # acquired bone joins NMAR's prior when LI shows the same structure this far from the metal
 BONE_CAP_PERCENTILE = 99  # ... and is no brighter than this percentile of that far part (brighter: streaks)
 
@@ -177,11 +178,12 @@ def mar_change(
     patient), where the image is taken as air. Inside ``pixels`` it also raises voxels below
     ``DARKER_THAN_AIR_HU`` to air (-1000 HU), as the sinograms see them.
 
-    NMAR's prior also takes back the acquired image's bone that LI lost (``with_acquired_bone``);
-    the literature's ``nmar`` does not. Only the rays through the trace and its two neighbours are
-    projected at full resolution, and NMAR's prior comes from an LI reconstruction at half
-    resolution: the cost is that of the trace and of back-projecting ``pixels``, not of two full
-    round trips.
+    NMAR's prior also takes back the acquired image's bone that LI lost (``with_acquired_bone``),
+    and where the prior disagrees with the scan beside the trace the fill is offset by the prior
+    instead of scaled by it (``_offset_fill``); the literature's ``nmar`` does neither. Only the
+    rays through the trace and its two neighbours are projected at full resolution, and NMAR's
+    prior comes from an LI reconstruction at half resolution: the cost is that of the trace and of
+    back-projecting ``pixels``, not of two full round trips.
     """
     _check_method(method)
     img, mask, trace_mask, squeeze = _prepare(image_hu, metal_mask, geometry, trace_mask)
@@ -197,7 +199,8 @@ def mar_change(
         li = _coarse_li(geometry, mu, trace_mask, trace, filter, pixels)
         prior = with_acquired_bone(nmar_prior(li, trace_mask), li, img, trace_mask)
         prior_sino = project(geometry, torch.where(pixels, _mu(prior), torch.zeros_like(prior)), rays=needed, support=around)
-        corrected = _normalised_fill(geometry, sino, prior_sino, trace, li_sino=corrected)
+        corrected = _normalised_fill(geometry, sino, prior_sino, trace, fallback=_offset_fill(sino, prior_sino, trace),
+                                     untrusted=_prior_disagrees(sino, prior_sino, trace))
     change = fbp(geometry, corrected - sino, filter=filter, pixels=pixels) / MU_SCALE
     # The sinograms are of the image raised to air (AIR_HU). Voxels far darker than air (photon
     # starvation beside dense metal: -2700 HU on XCIST's silver) are artifact by definition, and the
@@ -234,19 +237,42 @@ def _check_method(method: str) -> None:
 
 
 def _normalised_fill(
-    geometry: FanBeamGeometry, sino: torch.Tensor, prior_sino: torch.Tensor, trace: torch.Tensor, li_sino: torch.Tensor,
+    geometry: FanBeamGeometry, sino: torch.Tensor, prior_sino: torch.Tensor, trace: torch.Tensor, fallback: torch.Tensor,
+    untrusted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """NMAR's fill: interpolate the sinogram normalised by the prior's, then undo the normalisation.
 
     The ratio is meaningless where the prior sees (almost) no patient on a ray next to the trace:
     a ray grazing the skin, which the prior classed as air, gave ratios in the thousands, carried
     across the trace onto rays through the whole patient (metal near the body's edge in a 3 mm
-    scan: a change of 800 000 HU). Trace bins that read such a ray take ``li_sino`` (the caller's LI fill) instead.
+    scan: a change of 800 000 HU). Trace bins that read such a ray, or that ``untrusted`` marks,
+    take ``fallback`` (the literature's ``nmar``: its LI fill) instead.
     """
     eps = 1e-3 * geometry.ray_step_mm  # rays through air only: keep the ratio finite
     filled = interpolate_trace(sino / (prior_sino + eps), trace) * (prior_sino + eps)
-    grazing = interpolate_trace((prior_sino < PRIOR_FLOOR_MM).float(), trace) > 0
-    return torch.where(grazing & trace, li_sino, filled)
+    refused = interpolate_trace((prior_sino < PRIOR_FLOOR_MM).float(), trace) > 0
+    if untrusted is not None:
+        refused = refused | untrusted
+    return torch.where(refused & trace, fallback, filled)
+
+
+def _offset_fill(sino: torch.Tensor, prior_sino: torch.Tensor, trace: torch.Tensor) -> torch.Tensor:
+    """The prior's sinogram plus the scan's difference from it, interpolated across the trace.
+
+    Where the prior is wrong by a structure beside the metal (the skin next to a rod at the body's
+    edge, which the prior classed as air: 5 mm of path where the scan has 35), NMAR's ratio
+    multiplies that error into every ray through the metal (a fill of 500 mm for 100); an offset
+    only carries it, and fades it linearly across the trace.
+    """
+    return prior_sino + interpolate_trace(sino - prior_sino, trace)
+
+
+def _prior_disagrees(sino: torch.Tensor, prior_sino: torch.Tensor, trace: torch.Tensor) -> torch.Tensor:
+    """Trace bins whose interpolation reads a ray where the scan and the prior differ by more than
+    ``PRIOR_AGREES_WITHIN`` (1 mm added to both, so that rays through air alone agree)."""
+    ratio = (sino + 1.0) / (prior_sino + 1.0)
+    off = (ratio > PRIOR_AGREES_WITHIN) | (ratio < 1.0 / PRIOR_AGREES_WITHIN)
+    return (interpolate_trace(off.float(), trace) > 0) & trace
 
 
 def _mar_sinograms(image_hu, metal_mask, geometry, method, filter, trace_mask, air_hu=-500.0, bone_hu=350.0):
