@@ -186,9 +186,11 @@ def _fill_streaks(
         inside = streaks[:, :, k]
         filled[:, :, k][inside] = corrected[k][inside]
     parameters: dict = {"streaks": "image + FBP of the change NMAR (Meyer et al. 2010) makes in the metal trace of the re-projected slice; "
-                                   f"voxels below {DARKER_THAN_AIR_HU:g} HU (photon starvation) raised to air",
+                                   f"voxels below {DARKER_THAN_AIR_HU:g} HU (photon starvation) raised to air; the change weighted by how much of it "
+                                   "cancels the image's own gradients (trust_window_mm; each slice's share kept: ArtifactsFound.metal_gate)",
                         "slices_with_streaks": ks, "halo_hu": settings.metal.halo_hu, "halo_px": settings.metal.halo_px,
-                        "keep_high_frequencies_px": settings.metal.keep_high_frequencies_px, "gate": settings.metal.gate}
+                        "keep_high_frequencies_px": settings.metal.keep_high_frequencies_px, "gate": settings.metal.gate,
+                        "trust_window_mm": settings.metal.trust_window_mm}
     refine = settings.metal.refine == "network" or metal_model is not None or bool(networks and "metal" in networks)
     if method == "classical" or not refine:
         return parameters, None

@@ -20,6 +20,7 @@ from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError
 from medinpaint.metal.evidence import noise_hu, significant_change, streak_evidence
 from medinpaint.metal.masks import find_metal
+from medinpaint.metal.trust import trusted_change
 
 KEPT = "kept as acquired, streak evidence below threshold"
 CORRECTED = "corrected, streak evidence at or above threshold"
@@ -39,6 +40,7 @@ class MetalDetection:
     gate: str = "auto"  # auto: correct a slice only when its streak evidence reaches gate_threshold; off: always correct
     gate_threshold: float = 0.6  # streak evidence (RMS of the smoothed change around the metal / the noise) needed to correct
     ring_mm: float = 40.0  # the evidence is measured within this distance of the metal; the noise farther away
+    trust_window_mm: float | None = 20.0  # the change weighted by how much of it cancels what the image shows, over this window; None = all of it
     keep_high_frequencies_px: float | None = None  # FSMAR-like: Gaussian sigma (pixels) low-passing the change; None = the full change
     refine: str = "classical"  # classical: the change-only correction; network: refined by the metal model (--method network)
     views: int | str = "auto"  # re-projection views over 360 degrees; auto: as many as channels
@@ -58,6 +60,9 @@ class MetalDetection:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (name != "gate_threshold" and value == 0):
                 raise MedinpaintError(f"metal {name} must be a positive number, not {value!r}")
+        window = self.trust_window_mm
+        if window is not None and (isinstance(window, bool) or not isinstance(window, (int, float)) or window <= 0):
+            raise MedinpaintError(f"metal trust_window_mm must be a positive number of mm or null, not {window!r}")
         sigma = self.keep_high_frequencies_px
         if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma <= 0):
             raise MedinpaintError(f"metal keep_high_frequencies_px must be a positive number of pixels or null, not {sigma!r}")
@@ -102,12 +107,15 @@ def find_metal_artifacts(
         raise MedinpaintError(f"--artifacts metal: no metal in this scan (no {settings.min_voxels} connected voxels above {level})")
     if with_metal:
         ring_px = settings.ring_mm / float(min(volume.spacing[:2]))
+        spacing = tuple(float(s) for s in volume.spacing[:2])
         for ks, image, mask, halo, change in change_batches(volume, slices, metal, with_metal, settings, method, progress):
             for k, img, m, h, c in zip(ks, image, mask, halo, change):
                 decision = slice_gate(img, m, c, ring_px, settings)
                 gate[k] = decision
                 if decision["decision"] == KEPT:
                     continue
+                c, kept = trusted_change(img, c, m, spacing, settings.trust_window_mm)
+                decision["change_kept"] = round(kept, 3)  # the share of the change's magnitude that the image confirms
                 threshold = max(settings.streak_threshold_hu, settings.streak_threshold_noise * decision["noise_hu"])
                 streaks[k] = significant_change(c, m, threshold) | h  # the halo is re-filled: always synthesized
                 corrected[k] = corrected_slice(img, c, m)

@@ -22,6 +22,7 @@ from medinpaint.errors import MedinpaintError
 from medinpaint.metal.fanbeam import FanBeamGeometry
 from medinpaint.metal.mar import mar_change
 from medinpaint.metal.masks import metal_halo
+from medinpaint.metal.trust import trusted_change
 
 if TYPE_CHECKING:
     from medinpaint.artifacts.metal import MetalDetection
@@ -112,10 +113,12 @@ def change_batches(volume: Volume, slices, metal, ks_all: list[int], settings: M
 def metal_corrections(
     volume: Volume, metal: np.ndarray, slices: list[int], settings: MetalDetection | None = None, method: str = "nmar"
 ) -> dict[int, np.ndarray]:
-    """Corrected slices (image + change) for ``slices`` given a metal mask (when the mask came from a file)."""
+    """Corrected slices (image + the trusted change) for ``slices`` given a metal mask (when the mask came from a file)."""
     from medinpaint.artifacts.metal import MetalDetection
 
     settings = settings or MetalDetection()
     check_ct(volume)
+    spacing = tuple(float(s) for s in volume.spacing[:2])
     batches = change_batches(volume, np.moveaxis(volume.array, 2, 0), np.moveaxis(metal, 2, 0), slices, settings, method)
-    return {k: corrected_slice(i, c, m) for ks, image, mask, _, change in batches for k, i, m, c in zip(ks, image, mask, change)}
+    return {k: corrected_slice(i, trusted_change(i, c, m, spacing, settings.trust_window_mm)[0], m)
+            for ks, image, mask, _, change in batches for k, i, m, c in zip(ks, image, mask, change)}
