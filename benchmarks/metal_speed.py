@@ -7,7 +7,7 @@ the trace, back-projection over the patient) and the per-slice gate.  Printed: s
 holding metal, how many of those slices the gate corrected, the streak voxels, and peak memory
 above the start.
 
-    python benchmarks/metal_speed.py [--kinds rod,screw,ball,irregular] [--threads 2] [--cache DIR]
+    python benchmarks/metal_speed.py [--kinds rod,screw,ball,irregular] [--threads 2] [--cache DIR] [--config SETTINGS.yaml]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import medinpaint
 from medinpaint.artifacts.find import find_artifacts
 from medinpaint.artifacts.labels import ArtifactKind
-from medinpaint.config import Settings
+from medinpaint.config import load_settings
 from medinpaint.simulate import simulate_metal_volume
 from speed import peak_mb, reset_peak, rss_mb  # benchmarks/speed.py
 
@@ -48,10 +48,11 @@ def main() -> None:
     parser.add_argument("--kinds", default="rod,screw,ball,irregular")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, help="keep the simulated scans here (reused when present)")
+    parser.add_argument("--config", type=Path, help="settings YAML (as `correct --config`), e.g. to time metal.trust_window_mm: null")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clean = medinpaint.load(args.data / "ct_abdomen_dicom")
-    settings = Settings().metal
+    settings = load_settings(args.config).metal
     rows = []
     for seed, kind in enumerate(args.kinds.split(",")):
         damaged = case(clean, kind, seed, args.cache)
