@@ -60,12 +60,10 @@ class MetalDetection:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (name != "gate_threshold" and value == 0):
                 raise MedinpaintError(f"metal {name} must be a positive number, not {value!r}")
-        window = self.trust_window_mm
-        if window is not None and (isinstance(window, bool) or not isinstance(window, (int, float)) or window <= 0):
-            raise MedinpaintError(f"metal trust_window_mm must be a positive number of mm or null, not {window!r}")
-        sigma = self.keep_high_frequencies_px
-        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma <= 0):
-            raise MedinpaintError(f"metal keep_high_frequencies_px must be a positive number of pixels or null, not {sigma!r}")
+        for name, unit in (("trust_window_mm", "mm"), ("keep_high_frequencies_px", "pixels")):  # optional sizes: null turns them off
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise MedinpaintError(f"metal {name} must be a positive number of {unit} or null, not {value!r}")
 
 
 @dataclass
