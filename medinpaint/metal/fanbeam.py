@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -311,10 +312,16 @@ def fbp(geometry: FanBeamGeometry, sinogram: torch.Tensor, filter: str = "shepp-
         turned = functools.reduce(torch.logical_or, (torch.rot90(pixels, k) for k in range(n_rot)))
         where = turned.reshape(-1).nonzero()[:, 0]
     xx, yy = xx.reshape(-1)[where][None], yy.reshape(-1)[where][None]
-    parts = torch.zeros(n_rot, n_b, len(where), dtype=torch.float32, device=device)
+    n_p = len(where)
+    # Sinogram rows (view, channel) by columns (quarter turn k, slice b): column k*B + b holds the views a
+    # k quarter-turns later.  One zero channel before and two after: rays off the detector read zero.
+    n_c = geometry.n_channels
+    width = n_c + 3
+    table = F.pad(filtered, (1, 2)).reshape(n_b, n_rot, n_v, width).permute(2, 3, 1, 0).reshape(n_v * width, n_rot * n_b)
+    parts = torch.zeros(n_p, n_rot * n_b, dtype=torch.float32, device=device)
     alpha = geometry.channel_spacing_rad
-    centre = (geometry.n_channels - 1) / 2 + geometry.channel_offset
-    chunk = _chunk(n_v, len(where) * max(1, n_rot * n_b // 4), budget=4_000_000)
+    centre = (n_c - 1) / 2 + geometry.channel_offset + 1  # in the padded channels
+    chunk = _chunk(n_v, 2 * n_p, budget=1_000_000)
     for v0 in range(0, n_v, chunk):
         b = beta[v0 : min(v0 + chunk, n_v), None]
         nv = b.shape[0]
@@ -322,20 +329,21 @@ def fbp(geometry: FanBeamGeometry, sinogram: torch.Tensor, filter: str = "shepp-
         vx, vy = xx - geometry.sid_mm * cb, yy - geometry.sid_mm * sb  # source -> pixel
         dot = -(vx * cb + vy * sb)  # along the central ray
         cross = -cb * vy + sb * vx  # d0 x v with d0 = -(cos b, sin b)
-        g = torch.atan2(cross, dot)
+        u = (torch.atan2(cross, dot) / alpha + centre).clamp_(0, n_c + 1)
         inv_l2 = 1.0 / (vx**2 + vy**2)
-        u = (g / alpha + centre) / (geometry.n_channels - 1) * 2 - 1
-        rows = torch.arange(nv, dtype=torch.float32, device=device)[:, None].expand_as(u)
-        vrow = rows / max(nv - 1, 1) * 2 - 1
-        grid = torch.stack((u, vrow), dim=-1).unsqueeze(0)  # (1, nv, HW, 2)
-        # channel k*B + b holds the rows of views a k quarter-turns later
-        sino = torch.cat([filtered[:, k * n_v + v0 : k * n_v + v0 + nv] for k in range(n_rot)], 0).unsqueeze(0)
-        if nv == 1:
-            sino, grid = sino.expand(1, -1, 2, geometry.n_channels), grid.expand(1, 2, -1, 2).clone()
-            grid[..., 1] = torch.tensor([-1.0, 1.0], device=device)[:, None]
-            inv_l2 = torch.cat((inv_l2, torch.zeros_like(inv_l2)), 0)
-        vals = F.grid_sample(sino, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-        parts += (vals * inv_l2).sum(1).reshape(n_rot, n_b, -1)
+        low = u.floor()
+        right = (u - low) * inv_l2
+        # Linear interpolation between two channels, 1/L^2 weighting and the sum over views are one sparse
+        # (pixels x rows) matrix per chunk of views: each pixel reads two channels per view.
+        first = low.long() + torch.arange(v0 * width, (v0 + nv) * width, width, device=device)[:, None]
+        columns = torch.stack((first, first + 1), -1).transpose(0, 1).reshape(-1)
+        values = torch.stack((inv_l2 - right, right), -1).transpose(0, 1).reshape(-1)
+        starts = torch.arange(0, 2 * nv * n_p + 1, 2 * nv, device=device)
+        with warnings.catch_warnings():  # torch calls its CSR support beta, once per process; matmul is all we use
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+            weights = torch.sparse_csr_tensor(starts, columns, values, size=(n_p, n_v * width), check_invariants=False)
+        parts += weights @ table
+    parts = parts.T.reshape(n_rot, n_b, n_p)
     if pixels is not None:
         parts = torch.zeros(n_rot, n_b, h * w, dtype=torch.float32, device=device).index_copy_(2, where, parts)
     parts = parts.reshape(n_rot, n_b, h, w)
