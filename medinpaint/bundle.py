@@ -21,7 +21,7 @@ from medinpaint.config import Settings, load_settings
 from medinpaint.correct import correct
 from medinpaint.data.load import load
 from medinpaint.errors import MedinpaintError
-from medinpaint.inpaint.inference import pick_device, sw_batch_size
+from medinpaint.inpaint.inference import pick_device, set_cpu_threads, sw_batch_size
 from medinpaint.inpaint.models import ModelInfo, read_info, resolve
 from medinpaint.inpaint.network import InpaintingUNet
 from medinpaint.data.output_names import check_outputs, output_format
@@ -139,6 +139,7 @@ def run_cases(
     refine_metal = settings.metal.refine == "network"
     used = {task: net for task, net in loaded.items() if task != "metal" or refine_metal}
     written = []
+    set_cpu_threads(settings.inference.threads)  # the metal correction runs in find_artifacts, before the fill
     for case, output in zip(cases, outputs):
         volume = load(case.input, series=case.series)
         found = find_artifacts(volume, slice_settings=settings.slices, metal_settings=settings.metal)

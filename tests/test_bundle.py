@@ -117,9 +117,10 @@ def test_bundle_run_writes_what_correct_writes(tmp_path, cli):
     data.mkdir()
     nib.save(nib.Nifti1Image(array, image.affine, image.header), data / "ct.nii.gz")
     # Both runs: the metal model refines the streaks (not the default), so both network_defs run; the slice
-    # gate (left-out-slice scoring inside correct()) is off to keep the test short.
+    # gate (left-out-slice scoring inside correct()) is off to keep the test short. One thread in both
+    # processes: float sums may round differently with another thread count (an HU apart after rounding).
     config = tmp_path / "settings.yaml"
-    config.write_text("gate:\n  enabled: false\nmetal:\n  refine: network\n")
+    config.write_text("gate:\n  enabled: false\nmetal:\n  refine: network\ninference:\n  threads: 1\n")
 
     out = tmp_path / "bundle"
     result = _bundle_run(data, out, "--medinpaint_config", config)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -329,20 +328,19 @@ def fbp(geometry: FanBeamGeometry, sinogram: torch.Tensor, filter: str = "shepp-
         vx, vy = xx - geometry.sid_mm * cb, yy - geometry.sid_mm * sb  # source -> pixel
         dot = -(vx * cb + vy * sb)  # along the central ray
         cross = -cb * vy + sb * vx  # d0 x v with d0 = -(cos b, sin b)
-        u = (torch.atan2(cross, dot) / alpha + centre).clamp_(0, n_c + 1)
+        # atan2 in float64: its vectorised and scalar float32 paths differ by an ulp, and which pixels take
+        # which path depends on the thread count; rounded from float64 they agree
+        u = (torch.atan2(cross.double(), dot.double()) / alpha + centre).float().clamp_(0, n_c + 1)
         inv_l2 = 1.0 / (vx**2 + vy**2)
         low = u.floor()
         right = (u - low) * inv_l2
-        # Linear interpolation between two channels, 1/L^2 weighting and the sum over views are one sparse
-        # (pixels x rows) matrix per chunk of views: each pixel reads two channels per view.
+        # Linear interpolation between two channels, 1/L^2 weighting and the sum over views in one weighted
+        # embedding bag per chunk of views: each pixel sums its two channels per view (a sparse matrix
+        # product with a fixed number of entries per pixel), 3-4x faster than grid_sample and a weighted sum.
         first = low.long() + torch.arange(v0 * width, (v0 + nv) * width, width, device=device)[:, None]
-        columns = torch.stack((first, first + 1), -1).transpose(0, 1).reshape(-1)
-        values = torch.stack((inv_l2 - right, right), -1).transpose(0, 1).reshape(-1)
-        starts = torch.arange(0, 2 * nv * n_p + 1, 2 * nv, device=device)
-        with warnings.catch_warnings():  # torch calls its CSR support beta, once per process; matmul is all we use
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-            weights = torch.sparse_csr_tensor(starts, columns, values, size=(n_p, n_v * width), check_invariants=False)
-        parts += weights @ table
+        columns = torch.stack((first, first + 1), -1).transpose(0, 1).reshape(n_p, -1)
+        values = torch.stack((inv_l2 - right, right), -1).transpose(0, 1).reshape(n_p, -1)
+        parts += F.embedding_bag(columns, table, per_sample_weights=values, mode="sum")
     parts = parts.T.reshape(n_rot, n_b, n_p)
     if pixels is not None:
         parts = torch.zeros(n_rot, n_b, h * w, dtype=torch.float32, device=device).index_copy_(2, where, parts)
