@@ -15,6 +15,19 @@ DATA = REPO.parent / "shared" / "data"
 SAMPLE = REPO / "sample_data"
 
 
+@pytest.fixture(autouse=True)
+def _keep_cpu_threads():
+    """A test that runs the CLI with `inference.threads` sets torch's and SimpleITK's threads for the process;
+    put them back, so no test runs with another's thread count (float sums round differently with it)."""
+    import SimpleITK as sitk
+    import torch
+
+    torch_threads, sitk_threads = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    yield
+    torch.set_num_threads(torch_threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(sitk_threads)
+
+
 def shared(name: str) -> Path:
     path = DATA / name
     if not path.exists():
