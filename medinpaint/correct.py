@@ -77,6 +77,7 @@ def correct(
         raise MedinpaintError("--uncertainty needs --method network")
     settings = settings or Settings()
     started = time.perf_counter()
+    set_cpu_threads(settings.inference.threads)  # before detection: the metal correction runs there
     artifacts = artifacts if artifacts is not None else find_artifacts(volume, slice_settings=settings.slices, metal_settings=settings.metal, progress=progress)
     if artifacts.labels.shape != volume.shape:
         raise MedinpaintError("artifact mask does not match the volume's shape")
@@ -97,7 +98,6 @@ def correct(
     else:
         inference = settings.inference
         torch_device = pick_device(device or inference.device)
-        set_cpu_threads(inference.threads)
         if not others.any():
             filled = volume.array.astype(np.float32, copy=True)
         else:
