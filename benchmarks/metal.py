@@ -32,14 +32,13 @@ on the slices holding metal; and the same after a Gaussian low-pass of both imag
     python benchmarks/metal.py [--configs 4] [--views 720] [--photons 2e5] [--cache DIR] [--model NAME_OR_PATH] [--config FILE]
     python benchmarks/metal.py --other-scans 42 [--cache DIR] --no-network   (random metal in every real CT of --data)
     PYTHONPATH=/tmp/gecatsim/gecatsim-1.6.9 python benchmarks/metal.py --xcist DIR [--xcist-views 500] [--ma 200,800]
+    python benchmarks/metal.py --xcist-random DIR --no-network   (cases of `python -m medinpaint.training.xcist DIR`)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -58,14 +57,15 @@ from medinpaint.artifacts.metal import MetalDetection
 from medinpaint.artifacts.metal_correction import geometry_for
 from medinpaint.body import body_mask
 from medinpaint.config import Settings, load_settings
+from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, MODELS_DIR
 from medinpaint.metal.mar import li_mar, nmar
 from medinpaint.simulate import simulate_metal_volume
+from medinpaint.training.xcist import import_xcist, phantom_fractions, xcist_metal, xcist_scan
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = [("ball", 0), ("screw", 2), ("irregular", 3), ("ball", 4), ("rod", 1), ("screw", 6), ("irregular", 7), ("rod", 5)]
 XCIST_CASES = [("ti_rods", 4), ("ti_screws", 8), ("steel_ball", 12), ("wires", 16), ("dental", 10)]  # (metal, slice of ct_abdomen_dicom)
-XCIST_PIXEL_MM = 500.0 / 512  # XCIST reconstructs 512 x 512 over a 500 mm field: the scan's own grid
 STREAK_SIGMA_PX = 1.5  # low-pass of the "streaks" scores
 
 
@@ -173,116 +173,19 @@ def scored_row(case: dict, damaged, reference: np.ndarray, true_metal: np.ndarra
 
 # ----- XCIST ---------------------------------------------------------------------------------------
 
-def _import_xcist():
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            import gecatsim
-            import gecatsim.reconstruction.pyfiles.recon  # noqa: F401
-    except ImportError as exc:
-        sys.exit(f"error: --xcist needs XCIST (gecatsim) importable ({exc}): pip download --no-deps gecatsim -d /tmp/gecatsim, "
-                 "unpack the sdist, and put it (and matplotlib) on PYTHONPATH for this benchmark only")
-    return gecatsim
-
-
-def _phantom_fractions(hu: np.ndarray) -> dict[str, np.ndarray]:
-    """Water and bone volume fractions from HU: water of density 0..1 up to 0 HU (soft tissue is water), above 100 HU a water/bone mix."""
-    hu = np.nan_to_num(hu, nan=-1024.0)
-    bone = np.clip((hu - 100) / 1500, 0, 1)
-    water = np.where(hu > 100, 1 - bone, np.clip((hu + 1000) / 1000, 0, 1.0))
-    return {"water": water.astype(np.float32), "bone": bone.astype(np.float32)}
-
-
-def xcist_metal(kind: str, hu: np.ndarray, supersample: int = 4) -> tuple[np.ndarray, str]:
-    """Metal volume fraction (partial volume from 4x supersampling) and XCIST material for one case."""
-    n = hu.shape[0]
-    bi, bj = ndimage.center_of_mass(hu > -300)
-    si, sj = ndimage.center_of_mass(hu > 300)
-    c = (np.arange(n * supersample) + 0.5) / supersample - 0.5
-    ii, jj = np.meshgrid(c, c, indexing="ij")
-    mm = 1 / XCIST_PIXEL_MM
-
-    def disk(ci, cj, r):
-        return (ii - ci) ** 2 + (jj - cj) ** 2 < (r * mm) ** 2
-
-    def bar(ci, cj, width, length, degrees):
-        a = np.deg2rad(degrees)
-        u, v = (ii - ci) * np.cos(a) + (jj - cj) * np.sin(a), -(ii - ci) * np.sin(a) + (jj - cj) * np.cos(a)
-        return (np.abs(u) < length * mm / 2) & (np.abs(v) < width * mm / 2)
-
-    if kind == "ti_rods":  # two 6 mm titanium rods seen end-on
-        mask, material = disk(bi + 20 * mm, bj - 25 * mm, 3) | disk(bi + 20 * mm, bj + 25 * mm, 3), "Ti"
-    elif kind == "ti_screws":  # two 5 x 40 mm titanium pedicle-like screws in-plane, converging on the vertebra
-        mask, material = bar(si - 12 * mm, sj - 12 * mm, 5, 40, 70) | bar(si - 12 * mm, sj + 12 * mm, 5, 40, 110), "Ti"
-    elif kind == "steel_ball":  # a 14 mm steel ball
-        mask, material = disk(bi - 30 * mm, bj - 40 * mm, 7), "Fe"
-    elif kind == "wires":  # three 1.2 mm steel wires
-        mask = disk(bi - 80 * mm, bj - 20 * mm, 0.6) | disk(bi - 80 * mm, bj, 0.6) | disk(bi - 80 * mm, bj + 20 * mm, 0.6)
-        material = "Fe"
-    elif kind == "dental":  # five 5-7 mm silver blobs on an arc, like fillings
-        mask = np.zeros(ii.shape, bool)
-        for degrees, r in zip((200, 235, 270, 305, 340), (2.5, 3.5, 3.0, 3.5, 2.5)):
-            a = np.deg2rad(degrees)
-            mask |= disk(bi + 25 * mm * np.sin(a) + 10 * mm, bj + 25 * mm * np.cos(a), r)
-        material = "Ag"
-    else:
-        raise ValueError(kind)
-    return mask.reshape(n, supersample, n, supersample).mean(axis=(1, 3)).astype(np.float32), material
-
-
-def _xcist_scan(xc, folder: Path, name: str, fractions: dict[str, np.ndarray], views: int, ma: float, seed: int,
-                noise: bool = True) -> np.ndarray:
-    """Scan one voxelized slice with XCIST (1 detector row, ``views`` over 360 degrees) and reconstruct it in HU.
-
-    ``noise=False`` turns off XCIST's quantum and electronic noise: the metal-free truth.
-    """
-    import gecatsim.reconstruction.pyfiles.recon as recon
-
-    n = next(iter(fractions.values())).shape[0]
-    files = []
-    for material, volume in fractions.items():
-        files.append(f"{name}_{material}.raw")
-        volume.astype(np.float32)[None].tofile(folder / files[-1])
-    count = len(fractions)
-    phantom = {"n_materials": count, "mat_name": list(fractions), "volumefractionmap_filename": files,
-               "volumefractionmap_datatype": ["float"] * count, "cols": [n] * count, "rows": [n] * count, "slices": [1] * count,
-               "x_size": [XCIST_PIXEL_MM] * count, "y_size": [XCIST_PIXEL_MM] * count, "z_size": [10.0] * count,
-               "x_offset": [(n + 1) / 2] * count, "y_offset": [(n + 1) / 2] * count, "z_offset": [1.0] * count}
-    (folder / f"{name}.json").write_text(json.dumps(phantom))
-    cfg = Path(xc.__file__).parent / "examples" / "cfg"
-    np.random.seed(seed)  # XCIST draws its noise from numpy's global generator
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        ct = xc.CatSim(*(str(cfg / c) for c in ("Phantom_Sample", "Scanner_Sample_generic", "Protocol_Sample_axial",
-                                                "Physics_Sample", "Recon_Sample_2d")))
-        ct.phantom.filename, ct.phantom.scale = str(folder / f"{name}.json"), 1.0
-        ct.resultsName = str(folder / name)
-        ct.protocol.viewsPerRotation = ct.protocol.viewCount = views
-        ct.protocol.stopViewId = views - 1
-        ct.protocol.mA = ma
-        ct.scanner.detectorRowsPerMod = ct.scanner.detectorRowCount = 1
-        for sampling in ("colSampleCount", "rowSampleCount", "srcXSampleCount", "srcYSampleCount", "viewSampleCount"):
-            setattr(ct.physics, sampling, 1)
-        ct.physics.energyCount = 12
-        ct.physics.enableQuantumNoise = ct.physics.enableElectronicNoise = int(noise)
-        ct.recon.fov, ct.recon.imageSize, ct.recon.sliceCount, ct.recon.sliceThickness = 500.0, n, 1, 1.0
-        ct.run_all()
-        ct.do_Recon = 1
-        recon.recon(ct)
-    return np.array(xc.rawread(str(folder / f"{name}_{n}x{n}x1.raw"), [1, n, n], "float")[0], dtype=np.float32)
-
-
 def xcist_case(clean, kind: str, k: int, views: int, ma: float, cache: Path) -> dict:
     """One XCIST case (damaged, metal fraction on the reconstruction's grid, the noisy metal-free scan ``reference``
     and the noise-free metal-free ``truth`` that is scored against), cached in ``cache``."""
     path = cache / f"{kind}-{ma:g}mA-{views}v.npz"
     if not path.exists():
-        xc = _import_xcist()
+        xc = import_xcist()
         work = cache / "work"
         work.mkdir(parents=True, exist_ok=True)
         hu = clean.array[:, :, k].astype(np.float32)
         metal, material = xcist_metal(kind, hu)
-        reference = _xcist_scan(xc, work, f"ref{k}-{ma:g}", _phantom_fractions(hu), views, ma, seed=k)
-        with_metal = {name: f * (1 - metal) for name, f in _phantom_fractions(hu).items()} | {material: metal}
-        damaged = _xcist_scan(xc, work, f"{kind}-{ma:g}", with_metal, views, ma, seed=100 + k)
+        reference = xcist_scan(xc, work, f"ref{k}-{ma:g}", phantom_fractions(hu), views, ma, seed=k)
+        with_metal = {name: f * (1 - metal) for name, f in phantom_fractions(hu).items()} | {material: metal}
+        damaged = xcist_scan(xc, work, f"{kind}-{ma:g}", with_metal, views, ma, seed=100 + k)
         # XCIST's reconstruction has the phantom's orientation (checked: correlation with the source slice)
         corr = float(np.corrcoef(np.clip(hu, -500, 500).ravel(), np.clip(reference, -500, 500).ravel())[0, 1])
         if corr < 0.9:
@@ -290,9 +193,9 @@ def xcist_case(clean, kind: str, k: int, views: int, ma: float, cache: Path) -> 
         np.savez_compressed(path, damaged=damaged, reference=reference, metal=metal, slice=k, mA=ma, views=views, material=material)
     truth_path = cache / f"truth-slice{k}-{views}v.npz"  # the same for every tube current
     if not truth_path.exists():
-        xc = _import_xcist()
+        xc = import_xcist()
         (cache / "work").mkdir(parents=True, exist_ok=True)
-        truth = _xcist_scan(xc, cache / "work", f"truth{k}", _phantom_fractions(clean.array[:, :, k].astype(np.float32)), views, 800.0,
+        truth = xcist_scan(xc, cache / "work", f"truth{k}", phantom_fractions(clean.array[:, :, k].astype(np.float32)), views, 800.0,
                             seed=0, noise=False)
         np.savez_compressed(truth_path, reference=truth, slice=k)
     with np.load(path) as saved, np.load(truth_path) as truth:
@@ -310,6 +213,25 @@ def run_xcist(args, clean, network: bool) -> list[dict]:
             true_metal = (case["metal"] > 0.25)[:, :, None]
             rows.append(scored_row({"case": f"xcist {kind} {ma:g} mA", "material": str(case["material"])}, damaged,
                                    case["truth"][:, :, None], true_metal, started, args, network))
+    return rows
+
+
+def run_xcist_random(args, network: bool) -> list[dict]:
+    """Every case in ``--xcist-random DIR`` (made by ``python -m medinpaint.training.xcist DIR``): random metal in slices
+    of the other real CTs (the GE head, the 3 mm abdomen), none of which the gate's settings were chosen on."""
+    from medinpaint.data.volume import Volume
+    from medinpaint.training.xcist import XCIST_PIXEL_MM
+
+    paths = sorted(args.xcist_random.glob("*.npz"))
+    if not paths:
+        sys.exit(f"error: no XCIST cases (*.npz) in {args.xcist_random}; make them with python -m medinpaint.training.xcist DIR")
+    rows = []
+    for path in paths:
+        started = time.perf_counter()
+        with np.load(path) as case:
+            damaged = Volume(case["damaged"][:, :, None].astype(np.float32), np.diag([XCIST_PIXEL_MM, XCIST_PIXEL_MM, 1.0, 1.0]), modality="CT")
+            facts = {"case": f"xcist {path.stem} {case['kind']} {case['material']} {float(case['mA']):g} mA"}
+            rows.append(scored_row(facts, damaged, case["truth"][:, :, None], (case["metal"] > 0.25)[:, :, None], started, args, network))
     return rows
 
 
@@ -381,6 +303,8 @@ def main() -> None:
     parser.add_argument("--xcist-views", type=int, default=500, help="XCIST: views over 360 degrees")
     parser.add_argument("--ma", type=lambda s: [float(x) for x in s.split(",")], default=[200.0, 800.0],
                         help="XCIST: tube currents, comma-separated (the noise levels; 1 mm slice, 1 s rotation)")
+    parser.add_argument("--xcist-random", type=Path, metavar="DIR",
+                        help="score the XCIST cases with random metal in DIR (python -m medinpaint.training.xcist DIR)")
     parser.add_argument("--other-scans", type=int, metavar="N",
                         help="own simulator: N cases of random metal in 3-slice slabs of every real CT in --data (see run_other_scans)")
     parser.add_argument("--model", help=f"the metal model for the network column (default {DEFAULT_METAL_MODEL})")
@@ -392,7 +316,12 @@ def main() -> None:
     clean = medinpaint.load(args.data / "ct_abdomen_dicom")
     network = not args.no_network and (args.model is not None or (MODELS_DIR / f"{DEFAULT_METAL_MODEL}.safetensors").is_file())
     if args.xcist:
-        rows = run_xcist(args, clean, network)
+        try:
+            rows = run_xcist(args, clean, network)
+        except MedinpaintError as exc:  # XCIST missing: one line, not a traceback
+            sys.exit(f"error: {exc}")
+    elif args.xcist_random:
+        rows = run_xcist_random(args, network)
     elif args.other_scans:
         rows = run_other_scans(args, network)
     else:
