@@ -17,7 +17,7 @@ from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.classical import classical_fill
 from medinpaint.inpaint.gate import gated_fill
 from medinpaint.inpaint.inference import network_fill, pick_device, set_cpu_threads
-from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, load_model
+from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, load_model, read_info, resolve
 from medinpaint.metal.mar import DARKER_THAN_AIR_HU
 
 METHODS = ("network", "classical")
@@ -191,6 +191,10 @@ def _fill_streaks(
                         "slices_with_streaks": ks, "halo_hu": settings.metal.halo_hu, "halo_px": settings.metal.halo_px,
                         "keep_high_frequencies_px": settings.metal.keep_high_frequencies_px, "gate": settings.metal.gate,
                         "trust_window_mm": settings.metal.trust_window_mm}
+    if settings.metal.trust_model is not None:  # the weight refined by a network: which one, by its hash
+        info = read_info(resolve(settings.metal.trust_model))
+        parameters["trust_model"] = {"name": info.name, "sha256": info.sha256}
+        parameters["streaks"] += "; that weight refined pixel by pixel by a network (trust_model)"
     refine = settings.metal.refine == "network" or metal_model is not None or bool(networks and "metal" in networks)
     if method == "classical" or not refine:
         return parameters, None

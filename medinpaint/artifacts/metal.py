@@ -12,15 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
-from medinpaint.artifacts.metal_correction import METHODS, change_batches, check_ct, corrected_slice
+from medinpaint.artifacts.metal_correction import METHODS, change_batches, check_ct, corrected_slice, kept_change, trust_model
 from medinpaint.body import body_mask
 from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError
-from medinpaint.metal.evidence import noise_hu, significant_change, streak_evidence
+from medinpaint.metal.evidence import significant_change, slice_noise, streak_evidence
 from medinpaint.metal.masks import find_metal
-from medinpaint.metal.trust import trusted_change
 
 KEPT = "kept as acquired, streak evidence below threshold"
 CORRECTED = "corrected, streak evidence at or above threshold"
@@ -41,6 +39,7 @@ class MetalDetection:
     gate_threshold: float = 0.6  # streak evidence (RMS of the smoothed change around the metal / the noise) needed to correct
     ring_mm: float = 40.0  # the evidence is measured within this distance of the metal; the noise farther away
     trust_window_mm: float | None = 20.0  # the change weighted by how much of it cancels what the image shows, over this window; None = all of it
+    trust_model: str | None = None  # a learned refinement of that weight (name or .safetensors); None = the gradient rule alone
     keep_high_frequencies_px: float | None = None  # FSMAR-like: Gaussian sigma (pixels) low-passing the change; None = the full change
     refine: str = "classical"  # classical: the change-only correction; network: refined by the metal model (--method network)
     views: int | str = "auto"  # re-projection views over 360 degrees; auto: as many as channels
@@ -60,6 +59,8 @@ class MetalDetection:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (name != "gate_threshold" and value == 0):
                 raise MedinpaintError(f"metal {name} must be a positive number, not {value!r}")
+        if self.trust_model is not None and (not isinstance(self.trust_model, str) or self.trust_window_mm is None):
+            raise MedinpaintError("metal trust_model must be a model name or .safetensors path, and needs trust_window_mm (its input) set")
         for name, unit in (("trust_window_mm", "mm"), ("keep_high_frequencies_px", "pixels")):  # optional sizes: null turns them off
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
@@ -106,13 +107,14 @@ def find_metal_artifacts(
     if with_metal:
         ring_px = settings.ring_mm / float(min(volume.spacing[:2]))
         spacing = tuple(float(s) for s in volume.spacing[:2])
+        trust = trust_model(settings)
         for ks, image, mask, halo, change in change_batches(volume, slices, metal, with_metal, settings, method, progress):
             for k, img, m, h, c in zip(ks, image, mask, halo, change):
                 decision = slice_gate(img, m, c, ring_px, settings)
                 gate[k] = decision
                 if decision["decision"] == KEPT:
                     continue
-                c, kept = trusted_change(img, c, m, spacing, settings.trust_window_mm)
+                c, kept = kept_change(img, c, m, h, spacing, settings, trust, decision["noise_hu"])
                 decision["change_kept"] = round(kept, 3)  # the share of the change's magnitude that the image confirms
                 threshold = max(settings.streak_threshold_hu, settings.streak_threshold_noise * decision["noise_hu"])
                 streaks[k] = significant_change(c, m, threshold) | h  # the halo is re-filled: always synthesized
@@ -125,8 +127,7 @@ def find_metal_artifacts(
 def slice_gate(image: np.ndarray, metal: np.ndarray, change: np.ndarray, ring_px: float, settings: MetalDetection) -> dict:
     """The gate of one slice: its streak evidence against ``gate_threshold`` (always corrected with ``gate: off``)."""
     body = body_mask(image) | metal
-    near = ndimage.distance_transform_edt(~metal) <= ring_px
-    noise = noise_hu(image, body, near)
+    noise = slice_noise(image, metal, ring_px, body)
     evidence = streak_evidence(change, metal, body, noise, ring_px)
     if settings.gate == "off":
         decision = FORCED

@@ -22,6 +22,8 @@ from medinpaint.errors import MedinpaintError
 from medinpaint.metal.fanbeam import FanBeamGeometry
 from medinpaint.metal.mar import mar_change
 from medinpaint.metal.masks import metal_halo
+from medinpaint.metal.evidence import slice_noise
+from medinpaint.metal.learned_trust import TrustNet, learned_change
 from medinpaint.metal.trust import trusted_change
 
 if TYPE_CHECKING:
@@ -119,6 +121,27 @@ def metal_corrections(
     settings = settings or MetalDetection()
     check_ct(volume)
     spacing = tuple(float(s) for s in volume.spacing[:2])
+    trust = trust_model(settings)
     batches = change_batches(volume, np.moveaxis(volume.array, 2, 0), np.moveaxis(metal, 2, 0), slices, settings, method)
-    return {k: corrected_slice(i, trusted_change(i, c, m, spacing, settings.trust_window_mm)[0], m)
-            for ks, image, mask, _, change in batches for k, i, m, c in zip(ks, image, mask, change)}
+    return {k: corrected_slice(i, kept_change(i, c, m, h, spacing, settings, trust)[0], m)
+            for ks, image, mask, halo, change in batches for k, i, m, h, c in zip(ks, image, mask, halo, change)}
+
+
+def trust_model(settings: MetalDetection) -> TrustNet | None:
+    """The learned trust weight named by ``metal.trust_model``, or None (the gradient rule)."""
+    if settings.trust_model is None:
+        return None
+    from medinpaint.inpaint.models import load_trust_model
+
+    return load_trust_model(settings.trust_model)[0]
+
+
+def kept_change(image: np.ndarray, change: np.ndarray, metal: np.ndarray, halo: np.ndarray, spacing: tuple[float, float],
+                settings: MetalDetection, trust: TrustNet | None, noise: float | None = None) -> tuple[np.ndarray, float]:
+    """The part of one slice's change to write and the share of its magnitude that is: weighted by ``trust`` when
+    given, else by the gradient rule (``trust.trusted_change``; all of it when ``trust_window_mm`` is None)."""
+    if trust is None:
+        return trusted_change(image, change, metal, spacing, settings.trust_window_mm)
+    if noise is None:
+        noise = slice_noise(image, metal, settings.ring_mm / min(spacing))
+    return learned_change(trust, image, change, metal, halo, spacing, settings.trust_window_mm, noise)

@@ -95,6 +95,7 @@ def list_models() -> list[ModelInfo]:
 _WRONG_TASK_HINT = {  # what to do with a model handed to the other job
     "slices": "{name} is a {task} model; pass it as the metal model (--metal-model)",
     "metal": "{name} is not a metal-streak model (its task is {task}); pass it as --model",
+    "metal-trust": "{name} is not a metal trust-weight model (its task is {task}); set it as metal.trust_model only if it is one",
 }
 
 
@@ -112,6 +113,22 @@ def load_model(name_or_path: str | None = None, device: torch.device | str = "cp
     except RuntimeError as exc:
         raise MedinpaintError(f"{path}: weights do not fit the architecture ({str(exc).splitlines()[0]})") from None
     return model.to(device).eval(), info
+
+
+def load_trust_model(name_or_path: str):
+    """The learned trust weight of the metal correction (``metal.learned_trust.TrustNet``) and its card facts."""
+    from medinpaint.metal.learned_trust import TrustNet
+
+    path = resolve(name_or_path)
+    info = read_info(path)
+    if info.task != "metal-trust":
+        raise MedinpaintError(_WRONG_TASK_HINT["metal-trust"].format(name=info.name, task=info.task))
+    model = TrustNet(info.features)
+    try:
+        model.load_state_dict(load_file(str(path), device="cpu"))
+    except RuntimeError as exc:
+        raise MedinpaintError(f"{path}: weights do not fit the architecture ({str(exc).splitlines()[0]})") from None
+    return model.eval(), info
 
 
 def save_model(model: InpaintingUNet, path: Path, **metadata) -> None:

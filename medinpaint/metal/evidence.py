@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from medinpaint.body import body_mask
 from medinpaint.metal.masks import drop_small_components
 
 MAD_TO_SD = 1.4826  # median absolute deviation of a Gaussian -> its standard deviation
@@ -27,6 +28,13 @@ def noise_hu(image: np.ndarray, body: np.ndarray, exclude: np.ndarray, sigma_px:
     if sample.size < 100:
         sample = high[~exclude]
     return float(MAD_TO_SD * np.median(np.abs(sample - np.median(sample))))
+
+
+def slice_noise(image: np.ndarray, metal: np.ndarray, ring_px: float, body: np.ndarray | None = None) -> float:
+    """``noise_hu`` of one slice in its body (default ``body_mask`` with the metal), farther than ``ring_px`` from the metal."""
+    body = body_mask(image) | metal if body is None else body
+    near = ndimage.distance_transform_edt(~metal) <= ring_px
+    return noise_hu(image, body, near)
 
 
 def streak_evidence(change: np.ndarray, metal: np.ndarray, body: np.ndarray, noise: float, ring_px: float, sigma_px: float = 1.5) -> float:

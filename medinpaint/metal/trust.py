@@ -45,6 +45,11 @@ def change_weight(
     return weight.astype(np.float32)
 
 
+def trust_keep_out(metal: np.ndarray) -> np.ndarray:
+    """The metal and two pixels around it: its blooming edge, where the image's gradient is the metal's own."""
+    return ndimage.binary_dilation(metal, np.ones((5, 5), bool))
+
+
 def trusted_change(image: np.ndarray, change: np.ndarray, metal: np.ndarray, spacing_mm: tuple[float, float],
                    window_mm: float | None) -> tuple[np.ndarray, float]:
     """The change weighted by ``change_weight`` (``window_mm`` None: unweighted) and the share of it kept.
@@ -55,8 +60,12 @@ def trusted_change(image: np.ndarray, change: np.ndarray, metal: np.ndarray, spa
     """
     if window_mm is None or not np.any(change):
         return change, 1.0
-    keep_out = ndimage.binary_dilation(metal, np.ones((5, 5), bool))
-    weight = change_weight(image, change, keep_out, spacing_mm, window_mm)
+    return weighted_change(change, change_weight(image, change, trust_keep_out(metal), spacing_mm, window_mm))
+
+
+def weighted_change(change: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, float]:
+    """``weight`` x ``change`` and the share of the change's magnitude kept (1.0 for a zero change)."""
     size = np.abs(change)
-    share = float((weight * size).sum() / size.sum())
+    total = float(size.sum())
+    share = float((weight * size).sum() / total) if total > 0 else 1.0
     return (weight * change).astype(np.float32), share
