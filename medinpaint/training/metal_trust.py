@@ -141,6 +141,9 @@ def main() -> None:
                         help="BasicUNet features, six comma-separated numbers")
     args = parser.parse_args()
     records = [load_record(p) for d in args.train for p in sorted(d.glob("*.npz"))]
+    if not records:
+        raise SystemExit(f"error: no training records (*.npz) in {', '.join(map(str, args.train))}; "
+                         "make them with python -m medinpaint.training.metal_trust_data")
     print(f"{len(records)} training records", flush=True)
     model = train(records, args.steps, lr=args.lr, seed=args.seed, features=args.features)
     args.out.parent.mkdir(parents=True, exist_ok=True)
