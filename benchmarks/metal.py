@@ -219,8 +219,7 @@ def run_xcist(args, clean, network: bool) -> list[dict]:
 def run_xcist_random(args, network: bool) -> list[dict]:
     """Every case in ``--xcist-random DIR`` (made by ``python -m medinpaint.training.xcist DIR``): random metal in slices
     of the other real CTs (the GE head, the 3 mm abdomen), none of which the gate's settings were chosen on."""
-    from medinpaint.data.volume import Volume
-    from medinpaint.training.xcist import XCIST_PIXEL_MM
+    from medinpaint.training.xcist import xcist_volume
 
     paths = sorted(args.xcist_random.glob("*.npz"))
     if not paths:
@@ -229,7 +228,7 @@ def run_xcist_random(args, network: bool) -> list[dict]:
     for path in paths:
         started = time.perf_counter()
         with np.load(path) as case:
-            damaged = Volume(case["damaged"][:, :, None].astype(np.float32), np.diag([XCIST_PIXEL_MM, XCIST_PIXEL_MM, 1.0, 1.0]), modality="CT")
+            damaged = xcist_volume(case["damaged"][:, :, None])
             facts = {"case": f"xcist {path.stem} {case['kind']} {case['material']} {float(case['mA']):g} mA"}
             rows.append(scored_row(facts, damaged, case["truth"][:, :, None], (case["metal"] > 0.25)[:, :, None], started, args, network))
     return rows

@@ -20,6 +20,7 @@ from medinpaint.body import body_mask
 from medinpaint.data.volume import Volume
 from medinpaint.metal.masks import find_metal
 from medinpaint.metal.trust import change_weight, trust_keep_out
+from medinpaint.training.xcist import xcist_volume
 
 FIELDS = ("image", "change", "metal", "halo", "truth", "region", "gradient_weight")
 
@@ -57,20 +58,13 @@ def save_records(records: list[dict], out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-def _on_grid(array: np.ndarray) -> Volume:
-    """A CT volume on the XCIST grid (``XCIST_PIXEL_MM`` pixels, 1 mm apart in k)."""
-    from medinpaint.training.xcist import XCIST_PIXEL_MM
-
-    return Volume(array.astype(np.float32), np.diag([XCIST_PIXEL_MM, XCIST_PIXEL_MM, 1.0, 1.0]), modality="CT")
-
-
 def xcist_records(cases: Path, out_dir: Path) -> int:
     """Records of the XCIST training cases in ``cases`` (``training.xcist.make_xcist_pairs``), skipping those done."""
     n = 0
     for path in sorted(cases.glob("*.npz")):
         if not (out_dir / f"xcist-{path.stem}-0.npz").exists():
             with np.load(path) as z:
-                records = slice_records(_on_grid(z["damaged"][:, :, None]), z["truth"][:, :, None], (z["metal"] > 0.25)[:, :, None])
+                records = slice_records(xcist_volume(z["damaged"][:, :, None]), z["truth"][:, :, None], (z["metal"] > 0.25)[:, :, None])
             n += len(save_records(records, out_dir, f"xcist-{path.stem}"))
     return n
 
@@ -89,7 +83,7 @@ def own_records(data_dir: Path, count: int, out_dir: Path, seed: int = 5000) -> 
         j = i % len(slices)
         stack = np.stack([slices[max(0, j - 1)][1], slices[j][1], slices[min(len(slices) - 1, j + 1)][1]], axis=-1)
         kind, photons = str(rng.choice(["rod", "ball", "irregular", "screw"])), float(rng.choice([2e5, 5e5, 2e6]))
-        damaged, labels, reference = simulate_metal_volume(_on_grid(stack), seed=seed + i, kind=kind, photons=photons, views=720)
+        damaged, labels, reference = simulate_metal_volume(xcist_volume(stack), seed=seed + i, kind=kind, photons=photons, views=720)
         n += len(save_records(slice_records(damaged, reference.array, labels == ArtifactKind.METAL), out_dir, f"own-{i:03d}-{slices[j][0]}"))
     return n
 

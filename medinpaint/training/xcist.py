@@ -191,6 +191,13 @@ def random_metal(hu: np.ndarray, rng: np.random.Generator, supersample: int = 4)
     return fraction.astype(np.float32), material, kind
 
 
+def xcist_volume(array: np.ndarray):
+    """A CT Volume (i, j, k) on the XCIST grid: ``XCIST_PIXEL_MM`` pixels, slices 1 mm apart."""
+    from medinpaint.data.volume import Volume
+
+    return Volume(array.astype(np.float32), np.diag([XCIST_PIXEL_MM, XCIST_PIXEL_MM, 1.0, 1.0]), modality="CT")
+
+
 def on_xcist_grid(hu: np.ndarray, pixel_mm: tuple[float, float], n: int = 512) -> np.ndarray:
     """One slice (HU) resampled to ``XCIST_PIXEL_MM`` pixels and centred in an ``n`` x ``n`` field of air (cropped if larger)."""
     hu = np.nan_to_num(hu.astype(np.float32), nan=-1024.0)
