@@ -61,7 +61,7 @@ from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, MODELS_DIR
 from medinpaint.metal.mar import li_mar, nmar
 from medinpaint.simulate import simulate_metal_volume
-from medinpaint.training.xcist import import_xcist, phantom_fractions, xcist_metal, xcist_scan
+from medinpaint.training.xcist import import_xcist, phantom_fractions, xcist_metal, xcist_scan, xcist_volume
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = [("ball", 0), ("screw", 2), ("irregular", 3), ("ball", 4), ("rod", 1), ("screw", 6), ("irregular", 7), ("rod", 5)]
@@ -219,8 +219,6 @@ def run_xcist(args, clean, network: bool) -> list[dict]:
 def run_xcist_random(args, network: bool) -> list[dict]:
     """Every case in ``--xcist-random DIR`` (made by ``python -m medinpaint.training.xcist DIR``): random metal in slices
     of the other real CTs (the GE head, the 3 mm abdomen), none of which the gate's settings were chosen on."""
-    from medinpaint.training.xcist import xcist_volume
-
     paths = sorted(args.xcist_random.glob("*.npz"))
     if not paths:
         sys.exit(f"error: no XCIST cases (*.npz) in {args.xcist_random}; make them with python -m medinpaint.training.xcist DIR")

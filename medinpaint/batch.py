@@ -18,15 +18,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medinpaint.artifacts.find import find_artifacts
 from medinpaint.config import Settings
-from medinpaint.correct import Correction, correct
+from medinpaint.correct import Correction, correct, detect
 from medinpaint.data.atomic import StagedOutputs, is_stale, set_shard_tag
 from medinpaint.data.find import find_cases
 from medinpaint.data.load import format_of, load
 from medinpaint.data.volume import Volume
 from medinpaint.errors import MedinpaintError
-from medinpaint.inpaint.inference import set_cpu_threads
 from medinpaint.data.output_names import companion_paths, output_format
 from medinpaint.output import save
 from medinpaint.provenance import input_sha256, run_settings, why_redo
@@ -175,9 +173,7 @@ def prepare_case(case: Case, request: RunRequest) -> Prepared:
     if skip:
         return Prepared(True, reason, seconds=time.perf_counter() - started)
     settings = request.settings
-    set_cpu_threads(settings.inference.threads)  # the metal correction runs here, before the fill
-    artifacts = find_artifacts(volume, artifacts=request.artifacts, user_mask=request.user_mask,
-                               slice_settings=settings.slices, metal_settings=settings.metal)
+    artifacts = detect(volume, settings, artifacts=request.artifacts, user_mask=request.user_mask)
     return Prepared(False, reason, volume, artifacts, time.perf_counter() - started)
 
 

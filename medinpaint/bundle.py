@@ -15,13 +15,12 @@ from monai.inferers import SlidingWindowInferer
 from monai.utils import ensure_tuple
 from safetensors.torch import load_file
 
-from medinpaint.artifacts.find import find_artifacts
 from medinpaint.batch import list_cases
 from medinpaint.config import Settings, load_settings
-from medinpaint.correct import correct
+from medinpaint.correct import correct, detect
 from medinpaint.data.load import load
 from medinpaint.errors import MedinpaintError
-from medinpaint.inpaint.inference import pick_device, set_cpu_threads, sw_batch_size
+from medinpaint.inpaint.inference import pick_device, sw_batch_size
 from medinpaint.inpaint.models import ModelInfo, read_info, resolve
 from medinpaint.inpaint.network import InpaintingUNet
 from medinpaint.data.output_names import check_outputs, output_format
@@ -139,10 +138,9 @@ def run_cases(
     refine_metal = settings.metal.refine == "network"
     used = {task: net for task, net in loaded.items() if task != "metal" or refine_metal}
     written = []
-    set_cpu_threads(settings.inference.threads)  # the metal correction runs in find_artifacts, before the fill
     for case, output in zip(cases, outputs):
         volume = load(case.input, series=case.series)
-        found = find_artifacts(volume, slice_settings=settings.slices, metal_settings=settings.metal)
+        found = detect(volume, settings)
         result = correct(volume, found, method=method, settings=settings, device=device, networks=used)
         result.run = run_settings(method=method, settings=settings, output_format=output_format(output),  # as correct records it
                                   model=names.get("slices"), metal_model=names.get("metal") if refine_metal else None,

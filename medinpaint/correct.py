@@ -44,6 +44,13 @@ class Correction:
         return np.where(self.artifacts.synthesized, self.artifacts.labels, 0).astype(np.uint8)
 
 
+def detect(volume: Volume, settings: Settings, **kwargs) -> ArtifactMask:
+    """``find_artifacts`` with a run's slice and metal settings, under its ``inference.threads`` cap: the metal
+    correction runs in detection, before any fill. ``kwargs``: find_artifacts' artifacts, user_mask, progress."""
+    set_cpu_threads(settings.inference.threads)
+    return find_artifacts(volume, slice_settings=settings.slices, metal_settings=settings.metal, **kwargs)
+
+
 def correct(
     volume: Volume,
     artifacts: ArtifactMask | None = None,
@@ -77,8 +84,8 @@ def correct(
         raise MedinpaintError("--uncertainty needs --method network")
     settings = settings or Settings()
     started = time.perf_counter()
-    set_cpu_threads(settings.inference.threads)  # before detection: the metal correction runs there
-    artifacts = artifacts if artifacts is not None else find_artifacts(volume, slice_settings=settings.slices, metal_settings=settings.metal, progress=progress)
+    set_cpu_threads(settings.inference.threads)  # the fills below run under the cap as well as detection
+    artifacts = artifacts if artifacts is not None else detect(volume, settings, progress=progress)
     if artifacts.labels.shape != volume.shape:
         raise MedinpaintError("artifact mask does not match the volume's shape")
     holes = artifacts.to_fill  # resampled slices keep the loader's interpolation; the mask still flags them

@@ -11,8 +11,7 @@ import numpy as np
 
 from medinpaint.artifacts.find import find_artifacts
 from medinpaint.config import DataSettings, load_settings, load_train_settings, TrainSettings
-from medinpaint.correct import correct as correct_volume
-from medinpaint.inpaint.inference import set_cpu_threads
+from medinpaint.correct import correct as correct_volume, detect
 from medinpaint.data.atomic import StagedOutputs
 from medinpaint.data.dicom_series import list_series, summarize_series
 from medinpaint.data.load import load
@@ -47,9 +46,7 @@ def _grid_plan(grid: dict) -> str:
 
 
 def _artifacts(args: argparse.Namespace, volume, settings):
-    set_cpu_threads(settings.inference.threads)  # the metal correction runs here, before the fill
-    found = find_artifacts(volume, artifacts=args.artifacts, user_mask=args.mask, slice_settings=settings.slices,
-                           metal_settings=settings.metal, progress=not getattr(args, "quiet", False))
+    found = detect(volume, settings, artifacts=args.artifacts, user_mask=args.mask, progress=not getattr(args, "quiet", False))
     counts = found.counts()
     if counts:
         slices = ", ".join(f"{k}:{v.name.lower()}" for k, v in sorted(found.bad_slices.items()))

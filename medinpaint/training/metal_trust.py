@@ -95,7 +95,6 @@ def evaluate(model: TrustNet, records: list[dict]) -> list[dict]:
     with torch.inference_mode():
         for r in records:
             b = _as_batch([r], None, rng)
-            b = {k: v for k, v in b.items()}
             row = {"name": r["name"], "evidence": r["evidence"]}
             for label, weight in (("full", torch.ones_like(b["change"])), ("rule", b["inputs"][:, 3:4]), ("net", model(b["inputs"]))):
                 corrected, uncorrected = slice_errors(weight, b)

@@ -22,12 +22,9 @@ from medinpaint.metal.masks import find_metal
 from medinpaint.metal.trust import change_weight, trust_keep_out
 from medinpaint.training.xcist import xcist_volume
 
-FIELDS = ("image", "change", "metal", "halo", "truth", "region", "gradient_weight")
-
-
 def slice_records(damaged: Volume, truth: np.ndarray, true_metal: np.ndarray, settings: MetalDetection | None = None) -> list[dict]:
-    """One record per slice of ``damaged`` (i, j, k) holding detected metal: the arrays of ``FIELDS`` (H, W) and the
-    slice's noise (HU) and streak evidence. ``truth`` and ``true_metal`` are on the same grid."""
+    """One record per slice of ``damaged`` (i, j, k) holding detected metal: image, change, metal, halo, truth, region
+    and gradient_weight (H, W), the slice's noise (HU) and streak evidence. ``truth`` and ``true_metal`` are on the same grid."""
     settings = dataclasses.replace(settings or MetalDetection(), gate="off")
     slices = np.moveaxis(np.nan_to_num(damaged.array, nan=-1024.0), 2, 0)
     metal = find_metal(slices, settings.threshold_hu, settings.min_voxels)
