@@ -6,9 +6,10 @@ Two panels, each written as a PNG (grey levels in a soft-tissue window, differen
   corrected, corrected - acquired, on the metal slice with the most corrected voxels;
 * one XCIST case from the cache of ``benchmarks/metal.py --xcist DIR``: truth (no metal, no
   noise), acquired, corrected, corrected - acquired, and the errors of both against the truth
-  (low-passed like the benchmark's "streaks" scores, so the scan's pixel noise does not hide them).
+  (low-passed like the benchmark's "streaks" scores, so the scan's pixel noise does not hide them);
+* the same for one case with random metal in another real CT (``--xcist-random FILE``).
 
-    python benchmarks/metal_figure.py --xcist DIR [--case steel_ball-200mA] [--out docs/images]
+    python benchmarks/metal_figure.py --xcist DIR [--case steel_ball-200mA] [--xcist-random FILE] [--out docs/images]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import medinpaint
 from medinpaint.artifacts.find import find_artifacts
 from medinpaint.artifacts.labels import ArtifactKind
 from medinpaint.config import Settings
+from medinpaint.training.xcist import xcist_volume
 from metal import STREAK_SIGMA_PX, XCIST_CASES, xcist_case  # benchmarks/metal.py: one copy of the cases and the score's low-pass
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,8 +93,18 @@ def xcist(cache: Path, case: str, out: Path) -> None:
     k = dict(XCIST_CASES)[kind]
     clean = medinpaint.load(REPO.parent / "shared" / "data" / "ct_abdomen_dicom")
     saved = xcist_case(clean, kind, k, views=500, ma=float(current.removesuffix("mA")), cache=cache)  # as benchmarks/metal.py made it
-    truth = saved["truth"]
-    damaged = clean.slab(k, k + 1).with_array(saved["damaged"][:, :, None])
+    truth_panel(saved["truth"], clean.slab(k, k + 1).with_array(saved["damaged"][:, :, None]), out / f"metal_xcist_{case}.png")
+
+
+def xcist_random(path: Path, out: Path) -> None:
+    """A case of ``python -m medinpaint.training.xcist DIR`` (random metal in another real CT)."""
+    with np.load(path) as saved:
+        truth, damaged = saved["truth"], xcist_volume(saved["damaged"][:, :, None].astype(np.float32))
+    truth_panel(truth, damaged, out / f"metal_xcist_{path.stem}.png")
+
+
+def truth_panel(truth: np.ndarray, damaged, path: Path) -> None:
+    """Truth, acquired, corrected; the change; both errors against the truth, low-passed."""
     found = find_artifacts(damaged, artifacts="metal")
     after = medinpaint.correct(damaged, found, settings=Settings()).volume.array[:, :, 0]
     before, metal = damaged.array[:, :, 0], found.labels[:, :, 0] == ArtifactKind.METAL
@@ -100,18 +112,21 @@ def xcist(cache: Path, case: str, out: Path) -> None:
              ("corrected (default)", grey(after)), ("corrected - acquired (+-200 HU)", diverging(after - before, metal)),
              ("acquired - truth (low-pass 1.5 px)", diverging(low(before - truth), metal)),
              ("corrected - truth (low-pass 1.5 px)", diverging(low(after - truth), metal))]
-    montage(tiles, 3, out / f"metal_xcist_{case}.png")
+    montage(tiles, 3, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--xcist", type=Path, help="the XCIST case cache of benchmarks/metal.py (skip the XCIST panel when absent)")
     parser.add_argument("--case", default="steel_ball-200mA")
+    parser.add_argument("--xcist-random", type=Path, metavar="FILE", help="also a panel of one case made by python -m medinpaint.training.xcist")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
     args = parser.parse_args()
     hip(args.out)
     if args.xcist:
         xcist(args.xcist, args.case, args.out)
+    if args.xcist_random:
+        xcist_random(args.xcist_random, args.out)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,7 @@ def _fill_streaks(
                                    f"voxels below {DARKER_THAN_AIR_HU:g} HU (photon starvation) raised to air; the change weighted by how much of it "
                                    "cancels the image's own gradients (trust_window_mm; each slice's share kept: ArtifactsFound.metal_gate)",
                         "slices_with_streaks": ks, "halo_hu": settings.metal.halo_hu, "halo_px": settings.metal.halo_px,
+                        "halo_streak_hu": settings.metal.halo_streak_hu,
                         "keep_high_frequencies_px": settings.metal.keep_high_frequencies_px, "gate": settings.metal.gate,
                         "trust_window_mm": settings.metal.trust_window_mm}
     if settings.metal.trust_model is not None:  # the weight refined by a network: which one, by its hash

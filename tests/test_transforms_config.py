@@ -74,6 +74,9 @@ def test_bad_metal_halo_setting_is_an_error(tmp_path):
     bad.write_text("metal:\n  halo_hu: null\n  halo_px: 0\n")
     with pytest.raises(MedinpaintError, match="halo_px must be an integer of at least 1"):
         load_settings(bad)
+    bad.write_text("metal:\n  halo_streak_hu: -300\n")
+    with pytest.raises(MedinpaintError, match="halo_streak_hu must be a positive number"):
+        load_settings(bad)
     off = tmp_path / "off.yaml"
     off.write_text("metal:\n  halo_hu: null\n")
     assert load_settings(off).metal.halo_hu is None

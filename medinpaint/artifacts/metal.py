@@ -35,6 +35,7 @@ class MetalDetection:
     streak_threshold_noise: float = 0.5  # ... and above this many times the slice's noise
     halo_hu: float | None = 600.0  # the rim around metal above this HU is re-filled with it (None: the metal alone, literature LI/NMAR)
     halo_px: int = 12  # how far from the metal that rim may reach
+    halo_streak_hu: float = 300.0  # ... ring by ring, while each ring around the metal is bright or torn by streaks (beyond +-this HU)
     gate: str = "auto"  # auto: correct a slice only when its streak evidence reaches gate_threshold; off: always correct
     gate_threshold: float = 0.6  # streak evidence (RMS of the smoothed change around the metal / the noise) needed to correct
     ring_mm: float = 40.0  # the evidence is measured within this distance of the metal; the noise farther away
@@ -55,7 +56,7 @@ class MetalDetection:
             raise MedinpaintError(f"metal gate must be auto or off, not {self.gate!r}")
         if self.refine not in ("classical", "network"):
             raise MedinpaintError(f"metal refine must be classical or network, not {self.refine!r}")
-        for name in ("streak_threshold_hu", "streak_threshold_noise", "gate_threshold", "ring_mm"):
+        for name in ("streak_threshold_hu", "streak_threshold_noise", "gate_threshold", "ring_mm", "halo_streak_hu"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (name != "gate_threshold" and value == 0):
                 raise MedinpaintError(f"metal {name} must be a positive number, not {value!r}")

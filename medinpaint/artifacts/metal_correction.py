@@ -103,7 +103,7 @@ def change_batches(volume: Volume, slices, metal, ks_all: list[int], settings: M
         mask = np.ascontiguousarray(metal[ks])
         halo = np.zeros(mask.shape, dtype=bool)
         if settings.halo_hu is not None:
-            halo = metal_halo(image, mask, settings.halo_hu, settings.halo_px)
+            halo = metal_halo(image, mask, settings.halo_hu, settings.halo_px, settings.halo_streak_hu)
         inside = patient(image, mask)
         change = mar_change(torch.from_numpy(image), torch.from_numpy(mask), geometry_for(volume, settings, around=inside),
                             method=method, trace_mask=torch.from_numpy(halo), pixels=torch.from_numpy(inside)).numpy()
