@@ -363,7 +363,32 @@ def test_refilling_the_halo_mends_a_blooming_screw_and_costs_little_elsewhere(sc
     # the small iron ball of the scene blooms little: no ring around it is bright or torn all round
     # (8 rim pixels before), so its trace is the metal's alone and nothing changes
     small = metal_halo(scene["sim"].damaged.numpy(), scene["found"])
-    assert small.sum() < 50 and not small[0].any()
+    assert not small.any()
     ball = nmar(scene["sim"].damaged, scene["found"], scene["g"], trace_mask=torch.from_numpy(small)).numpy()
-    assert np.array_equal(ball[0], scene["nmar"][0])  # no rim, nothing changes
-    assert _rmse(scene, ball, 1) < 1.1 * _rmse(scene, scene["nmar"], 1)
+    assert np.array_equal(ball, scene["nmar"])  # no rim, nothing changes
+
+
+def test_metal_halo_keeps_the_skull_beside_a_rod_in_a_real_head_ct():
+    """A titanium rod on the inner table of the real GE head CT: the skull beside it is anatomy, not
+    blooming, and stays out of the rim beyond the first rings (the bone rule before took it out to
+    about 6 pixels; on XCIST's head case that cost 9.6 dB)."""
+    import medinpaint
+
+    volume = medinpaint.load(shared("ct_head_ge_variable_spacing"))
+    slices = []  # (brain area, slice, skull, brain) of the slices where the skull closes round the brain
+    for k in range(volume.shape[2]):
+        hu = np.nan_to_num(volume.array[:, :, k], nan=-1024.0).astype(np.float32)
+        skull = ndimage.binary_opening(hu > 600, iterations=1)
+        brain = ndimage.binary_fill_holes(skull) & ~skull
+        slices.append((int(brain.sum()), k, hu, skull, brain))
+    _, k, hu, skull, brain = max(slices, key=lambda t: t[0])
+    inner_table = skull & ndimage.binary_dilation(brain)
+    i, j = np.argwhere(inner_table)[len(np.argwhere(inner_table)) // 3]
+    to_table = np.hypot(*(np.mgrid[: hu.shape[0], : hu.shape[1]] - np.array([i, j])[:, None, None]))
+    metal = (to_table <= 2.5) & ~skull  # the rod's cross-section, on the brain side of the table
+    assert 5 < metal.sum() < 30
+    image = np.where(metal, 4000.0, hu).astype(np.float32)
+    halo = metal_halo(image, metal)
+    to_metal = ndimage.distance_transform_edt(~metal)
+    assert (skull & (to_metal <= 6)).sum() > 20  # bone the bone rule would have re-filled
+    assert not halo[skull & (to_metal > 2)].any()
