@@ -55,11 +55,11 @@ from medinpaint.artifacts.find import find_artifacts
 from medinpaint.artifacts.labels import ArtifactKind
 from medinpaint.artifacts.metal import MetalDetection
 from medinpaint.artifacts.metal_correction import geometry_for
-from medinpaint.body import body_mask
 from medinpaint.config import Settings, load_settings
 from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, MODELS_DIR
 from medinpaint.metal.mar import li_mar, nmar
+from medinpaint.metrics import metal_scored_region
 from medinpaint.simulate import simulate_metal_volume
 from medinpaint.training.xcist import import_xcist, phantom_fractions, xcist_metal, xcist_scan, xcist_volume
 
@@ -137,8 +137,7 @@ def score_case(damaged, reference: np.ndarray, true_metal: np.ndarray, network: 
     detected = found.labels == ArtifactKind.METAL
     ks = sorted(set(np.flatnonzero((true_metal | detected).any(axis=(0, 1))).tolist()))
     region = np.zeros(damaged.shape, bool)
-    region[:, :, ks] = body_mask(reference, slice_axis=2, largest_only=False, opening=False)[:, :, ks]
-    region &= ~ndimage.binary_dilation(true_metal | detected, np.ones((3, 3, 1), bool))
+    region[:, :, ks] = metal_scored_region(reference, true_metal | detected)[:, :, ks]
     forced = Settings(metal=dataclasses.replace(default.metal, gate="off"))
     found_forced = find_artifacts(damaged, artifacts="metal", metal_settings=forced.metal)
     det_ks = sorted(found_forced.metal_gate)
@@ -338,7 +337,7 @@ def main() -> None:
     print(json.dumps({"mean_over_cases": summary}, indent=2))
     slices = sorted((evidence, gain, r["case"], k) for r in rows for k, evidence, gain in r["per_slice"])
     print(f"\nper slice with metal, by streak evidence: streaks gain of correcting it (gate off) over keeping it "
-          f"(the gate corrects from {args.settings.metal.gate_threshold:g})\n| evidence | gain dB | case | slice |\n|---|---|---|---|")
+          f"(the gate corrects from {args.settings.metal.gate_threshold:g}, the whole change from {args.settings.metal.gate_full})\n| evidence | gain dB | case | slice |\n|---|---|---|---|")
     for evidence, gain, case, k in slices:
         print(f"| {evidence:.3f} | {gain:+.2f} | {case} | {k} |")
     for scores in ("plain", "streaks"):

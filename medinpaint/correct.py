@@ -198,6 +198,7 @@ def _fill_streaks(
                         "slices_with_streaks": ks, "halo_hu": settings.metal.halo_hu, "halo_px": settings.metal.halo_px,
                         "halo_streak_hu": settings.metal.halo_streak_hu,
                         "keep_high_frequencies_px": settings.metal.keep_high_frequencies_px, "gate": settings.metal.gate,
+                        "gate_threshold": settings.metal.gate_threshold, "gate_full": settings.metal.gate_full,
                         "trust_window_mm": settings.metal.trust_window_mm}
     if settings.metal.trust_model is not None:  # the weight refined by a network: which one, by its hash
         info = read_info(resolve(settings.metal.trust_model))

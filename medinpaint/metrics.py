@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 from medinpaint.body import body_mask, body_threshold
@@ -38,3 +39,12 @@ def masked_metrics(reference: np.ndarray, corrected: np.ndarray, mask: np.ndarra
         "data_range": data_range,
         "units": "HU" if modality == "CT" else "intensity",
     }
+
+
+def metal_scored_region(reference: np.ndarray, metal: np.ndarray) -> np.ndarray:
+    """Where a metal correction is scored: the reference's body (every blob, holes filled) without the metal
+    grown by one pixel in-plane, which no correction replaces. A slice (H, W) or a volume (i, j, k)."""
+    if reference.ndim == 2:
+        return metal_scored_region(reference[:, :, None], metal[:, :, None])[:, :, 0]
+    body = body_mask(reference, slice_axis=2, largest_only=False, opening=False)
+    return body & ~ndimage.binary_dilation(metal, np.ones((3, 3, 1), bool))

@@ -15,7 +15,7 @@ from medinpaint.config import Settings
 from medinpaint.errors import MedinpaintError
 from medinpaint.inpaint.models import DEFAULT_METAL_MODEL, DEFAULT_MODEL, MODELS_DIR
 from medinpaint.metal.masks import metal_halo
-from medinpaint.metrics import masked_metrics
+from medinpaint.metrics import masked_metrics, metal_scored_region
 from medinpaint.simulate import simulate_metal_volume
 
 from conftest import shared
@@ -155,3 +155,18 @@ def test_a_chosen_metal_model_is_used_and_a_model_of_the_wrong_task_refused(stee
     assert gaps.bad_slices
     with pytest.raises(MedinpaintError, match="is a metal model; pass it as the metal model"):
         medinpaint.correct(damaged.with_array(blanked), gaps, model=DEFAULT_METAL_MODEL)
+
+
+def test_metal_is_scored_in_the_body_without_the_metal_and_its_edge():
+    """The benchmark and the trust-weight training score the same voxels: body, not the metal grown by a pixel."""
+    reference = np.full((20, 20), -1000.0)
+    reference[3:17, 3:17] = 40.0
+    reference[5:7, 5:7] = -900.0  # air inside the body (a gas pocket) is scored: holes are filled
+    metal = np.zeros((20, 20), bool)
+    metal[9:11, 9:11] = True
+    region = metal_scored_region(reference, metal)
+    assert region[3, 3] and region[16, 16] and region[7, 7] and region[5:7, 5:7].all() and not region[2, 2] and not region[0, 10]
+    assert not region[8:12, 8:12].any() and region[8:12, 8:12].size == 16  # the metal and its 8-neighbours
+    volume = np.stack([reference, reference + 5], axis=2)
+    both = metal_scored_region(volume, np.stack([metal, np.zeros_like(metal)], axis=2))
+    assert np.array_equal(both[:, :, 0], region) and both[:, :, 1].sum() == 14 * 14

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 import medinpaint
 from medinpaint.artifacts.labels import ArtifactKind
-from medinpaint.artifacts.metal import KEPT, MetalDetection
+from medinpaint.artifacts.metal import CORRECTED, FORCED, KEPT, PARTLY, MetalDetection, slice_gate
 from medinpaint.config import Settings
 from medinpaint.data.save import write_file
 from medinpaint.errors import MedinpaintError
@@ -109,6 +109,53 @@ def test_strong_metal_is_corrected_only_where_the_change_is_significant(strong):
     assert after["rmse"] < 0.8 * before["rmse"], (before, after)
 
 
+def test_a_change_barely_above_the_noise_is_written_in_part(mild):
+    """Between gate_threshold and gate_full the gate writes a share of the change that rises with the evidence:
+    exactly that share of the whole change, flagged in a region inside the whole change's."""
+    damaged, _, _ = mild
+    forced = medinpaint.find_artifacts(damaged, artifacts="metal", metal_settings=MetalDetection(gate="off"))
+    evidence = [g["streak_evidence"] for g in forced.metal_gate.values()]
+    low, high = min(evidence) / 2, 1.2 * max(evidence)  # shares of about 0.7: enough change left to flag
+    found = medinpaint.find_artifacts(damaged, artifacts="metal", metal_settings=MetalDetection(gate_threshold=low, gate_full=high))
+    assert sorted(found.metal_gate) == sorted(forced.metal_gate)
+    for k, g in found.metal_gate.items():
+        share = g["change_scale"]
+        assert g["decision"] == PARTLY and 0 < share < 1
+        assert share == pytest.approx((g["streak_evidence"] - low) / (high - low), abs=2e-3)
+        assert g["change_kept"] == pytest.approx(share * forced.metal_gate[k]["change_kept"], abs=2e-3)
+        image = damaged.array[:, :, k]
+        whole = forced.metal_corrected[k] - image
+        np.testing.assert_allclose(found.metal_corrected[k] - image, share * whole, atol=0.01 + 1e-5 * np.abs(whole).max())
+    streaks = found.labels == ArtifactKind.METAL_STREAK
+    assert streaks.any() and not (streaks & (forced.labels != ArtifactKind.METAL_STREAK)).any()
+    fixed = medinpaint.correct(damaged, found, method="classical").volume.array
+    assert np.array_equal(fixed[~streaks], damaged.array[~streaks])
+
+
+def test_the_share_written_rises_with_the_evidence():
+    rng = np.random.default_rng(1)
+    image = rng.normal(0, 10, (96, 96)).astype(np.float32)
+    metal = np.zeros((96, 96), bool)
+    metal[46:50, 46:50] = True
+    change = np.zeros((96, 96), np.float32)
+    change[47:49, :] = -200  # a dark band through the metal
+
+    def gate(**settings):
+        return slice_gate(image, metal, change, 30, MetalDetection(**settings))
+
+    e = gate()["streak_evidence"]
+    assert e > 2
+    below = gate(gate_threshold=e + 1, gate_full=e + 2)
+    assert below["decision"] == KEPT and below["change_scale"] == 0
+    part = gate(gate_threshold=e - 1, gate_full=e + 3)
+    assert part["decision"] == PARTLY and part["change_scale"] == pytest.approx(0.25, abs=1e-3)
+    assert part["threshold"] == pytest.approx(e - 1) and part["full"] == pytest.approx(e + 3)
+    for whole in (gate(gate_threshold=e - 2, gate_full=e - 1), gate(gate_threshold=e - 1, gate_full=None)):
+        assert whole["decision"] == CORRECTED and whole["change_scale"] == 1
+    forced = gate(gate="off", gate_threshold=e + 1, gate_full=e + 2)
+    assert forced["decision"] == FORCED and forced["change_scale"] == 1
+
+
 def test_change_only_is_zero_where_nmar_changes_nothing():
     """No metal trace to re-fill, no change: image + change is the image (no round-trip blur)."""
     g = FanBeamGeometry((64, 64), 4.0, n_views=96, n_channels=96)
@@ -161,7 +208,8 @@ def test_bad_metal_input_is_one_clear_line(cli, tmp_path, abdomen, mild):
 
 
 def test_gate_settings_are_checked():
-    for bad in ({"gate": "maybe"}, {"refine": "magic"}, {"gate_threshold": -1}, {"keep_high_frequencies_px": 0}):
+    for bad in ({"gate": "maybe"}, {"refine": "magic"}, {"gate_threshold": -1}, {"keep_high_frequencies_px": 0},
+                {"gate_full": 0.6}, {"gate_full": "high"}, {"gate_threshold": 1.2}):
         with pytest.raises(MedinpaintError, match="metal"):
             MetalDetection(**bad)
 

@@ -99,13 +99,15 @@ def li_mar(image_hu, metal_mask, geometry: FanBeamGeometry, filter: str = "shepp
     return _finish(corrected, img, mask, geometry, filter, squeeze)
 
 
-def _smooth(x: torch.Tensor, sigma_px: float) -> torch.Tensor:
+def gaussian_smooth(x: torch.Tensor, sigma_px: float, padding: str = "replicate") -> torch.Tensor:
+    """Separable Gaussian low-pass of (B, H, W) or (B, 1, H, W) slices, truncated at 3 sigma, edges padded by ``padding``."""
     r = max(1, int(3 * sigma_px))
     k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=x.device, dtype=torch.float32) / sigma_px) ** 2)
     k = k / k.sum()
-    y = F.conv2d(F.pad(x[:, None], (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-    return y[:, 0]
+    y = x[:, None] if x.ndim == 3 else x
+    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode=padding), k.view(1, 1, 1, -1))
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode=padding), k.view(1, 1, -1, 1))
+    return y[:, 0] if x.ndim == 3 else y
 
 
 def nmar_prior(li_image_hu: torch.Tensor, metal_mask: torch.Tensor, air_hu: float = -500.0, bone_hu: float = 350.0, sigma_px: float = 1.0) -> torch.Tensor:
@@ -113,7 +115,7 @@ def nmar_prior(li_image_hu: torch.Tensor, metal_mask: torch.Tensor, air_hu: floa
 
     Thresholds act on a lightly smoothed LI image so that residual streaks do not flip classes.
     """
-    smooth = _smooth(li_image_hu, sigma_px)
+    smooth = gaussian_smooth(li_image_hu, sigma_px)
     prior = torch.where(smooth < air_hu, torch.full_like(smooth, AIR_HU), torch.zeros_like(smooth))
     prior = torch.where(smooth > bone_hu, li_image_hu, prior)
     return torch.where(metal_mask, torch.zeros_like(prior), prior)
@@ -136,8 +138,8 @@ def with_acquired_bone(
     lost 4 dB), and only where they are brighter than the prior. Batched (B, H, W); labelled on
     the CPU.
     """
-    acquired = ((_smooth(image_hu, sigma_px) > bone_hu) & ~trace_mask).cpu().numpy()
-    li_bone = (_smooth(li_image_hu, sigma_px) > bone_hu).cpu().numpy()
+    acquired = ((gaussian_smooth(image_hu, sigma_px) > bone_hu) & ~trace_mask).cpu().numpy()
+    li_bone = (gaussian_smooth(li_image_hu, sigma_px) > bone_hu).cpu().numpy()
     values, metal = image_hu.cpu().numpy(), trace_mask.cpu().numpy()
     extra = np.zeros_like(acquired)
     for i in range(acquired.shape[0]):

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from medinpaint.metal.learned_trust import CHANNELS, FEATURES, TrustNet, trust_inputs
+from medinpaint.metal.mar import gaussian_smooth
 
 STREAK_SIGMA_PX = 1.5  # as benchmarks/metal.py
 
@@ -36,12 +36,9 @@ def load_record(path: Path) -> dict:
     }
 
 
-def _gauss(x: torch.Tensor, sigma: float = STREAK_SIGMA_PX) -> torch.Tensor:
-    r = int(3 * sigma)
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
-    k = k / k.sum()
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+def _gauss(x: torch.Tensor) -> torch.Tensor:
+    """The streaks score's low-pass (the benchmark's sigma; mirrored edges) of (B, 1, H, W) slices."""
+    return gaussian_smooth(x, STREAK_SIGMA_PX, padding="reflect")
 
 
 def slice_errors(weight: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

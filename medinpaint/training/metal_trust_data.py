@@ -12,15 +12,15 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from medinpaint.artifacts.metal import MetalDetection, slice_gate
 from medinpaint.artifacts.metal_correction import change_batches
-from medinpaint.body import body_mask
 from medinpaint.data.volume import Volume
 from medinpaint.metal.masks import find_metal
 from medinpaint.metal.trust import change_weight, trust_keep_out
+from medinpaint.metrics import metal_scored_region
 from medinpaint.training.xcist import xcist_volume
+
 
 def slice_records(damaged: Volume, truth: np.ndarray, true_metal: np.ndarray, settings: MetalDetection | None = None) -> list[dict]:
     """One record per slice of ``damaged`` (i, j, k) holding detected metal: image, change, metal, halo, truth, region
@@ -36,7 +36,7 @@ def slice_records(damaged: Volume, truth: np.ndarray, true_metal: np.ndarray, se
     for batch, image, mask, halo, change in change_batches(damaged, slices, metal, ks, settings, "nmar"):
         for k, img, m, h, c in zip(batch, image, mask, halo, change):
             gate = slice_gate(img, m, c, ring_px, settings)
-            region = body_mask(truth[k], largest_only=False, opening=False) & ~ndimage.binary_dilation(m | true_metal[k], np.ones((3, 3), bool))
+            region = metal_scored_region(truth[k], m | true_metal[k])
             weight = change_weight(img, c, trust_keep_out(m), spacing, settings.trust_window_mm)
             records.append({"image": img, "change": c, "metal": m, "halo": h, "truth": truth[k].astype(np.float32), "region": region,
                             "gradient_weight": weight, "noise_hu": gate["noise_hu"], "evidence": gate["streak_evidence"], "k": k})
