@@ -71,6 +71,7 @@ def test_mild_metal_is_kept_as_acquired_and_the_provenance_says_so(cli, tmp_path
     for decision in gate.values():
         assert decision["decision"] == "kept as acquired, streak evidence below threshold"
         assert decision["streak_evidence"] < decision["threshold"] == MetalDetection().gate_threshold
+        assert decision["change_scale"] == 0 and decision["full"] == MetalDetection().gate_full
 
     # gate: off (a documented setting) forces the correction of the same slices; the streak region's
     # threshold (streak_threshold_noise, also documented) is set explicitly so the test does not follow its default
@@ -80,6 +81,9 @@ def test_mild_metal_is_kept_as_acquired_and_the_provenance_says_so(cli, tmp_path
     assert code == 0, err
     forced = json.loads((tmp_path / "forced.json").read_text())["ArtifactsFound"]["metal_gate"]
     assert {d["decision"] for d in forced.values()} == {"corrected, gate off"}
+    assert all(d["change_scale"] == 1 for d in forced.values())
+    metal = json.loads((tmp_path / "forced.json").read_text())["Parameters"]["metal"]
+    assert metal["gate"] == "off" and (metal["gate_threshold"], metal["gate_full"]) == (MetalDetection().gate_threshold, MetalDetection().gate_full)
     assert all(0 < d["change_kept"] <= 1 for d in forced.values()) and not any("change_kept" in d for d in gate.values())
     assert (medinpaint.load(tmp_path / "forced_desc-synthesized_mask.nii.gz").array == ArtifactKind.METAL_STREAK).any()
 
