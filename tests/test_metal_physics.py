@@ -219,6 +219,22 @@ def test_find_metal_recovers_inserted_metal(scene):
     assert not find_metal(np.clip(dmg, None, 2000)).any()
 
 
+def test_a_speck_too_dense_for_any_tissue_is_metal_however_small():
+    """A thin wire cut across is one voxel (12 000 HU in an XCIST head case); a noise speck just over
+    the threshold is not metal. Clipped scans (threshold 2800) never reach twice it: their specks stay dropped."""
+    hu = np.full((64, 64), 40.0)
+    hu[10, 10] = 12000.0  # one voxel of a wire
+    hu[30, 30:32] = 2700.0  # two voxels just over 2500 HU: noise, not metal
+    hu[50:52, 50:52] = 3000.0  # four voxels: metal by size
+    found = find_metal(hu, dilate=0)
+    assert found[10, 10] and found[50:52, 50:52].all()
+    assert not found[30, 30:32].any() and found.sum() == 5
+    clipped = np.minimum(hu, 3071.0)
+    clipped[50:52, 50:52] = 3071.0
+    found = find_metal(clipped, dilate=0)  # threshold 2800: the lone 3071 voxel is not above 5600
+    assert not found[10, 10] and found[50:52, 50:52].all() and found.sum() == 4
+
+
 def test_streak_region_overlaps_true_artifact(scene):
     sim = scene["sim"]
     dmg, ref = sim.damaged.numpy(), sim.reference.numpy()

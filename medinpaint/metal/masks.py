@@ -13,15 +13,19 @@ from scipy import ndimage
 from medinpaint.metal.fanbeam import FanBeamGeometry
 
 CLIP_HU = 3071.0  # top of the 12-bit DICOM range many scanners write
+DENSE_SPECK_FACTOR = 2.0  # a bright speck above this many times the metal threshold is metal however small
 
 
-def drop_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """``mask`` without its connected components of fewer than ``min_size`` voxels (noise specks)."""
+def drop_small_components(mask: np.ndarray, min_size: int, values: np.ndarray | None = None, keep_above: float | None = None) -> np.ndarray:
+    """``mask`` without its connected components of fewer than ``min_size`` voxels (noise specks),
+    except those where ``values`` exceed ``keep_above`` somewhere (too dense to be noise)."""
     lab, n = ndimage.label(mask)
     if not n:
         return mask
     keep = np.zeros(n + 1, dtype=bool)
     keep[1:] = ndimage.sum(mask, lab, range(1, n + 1)) >= min_size
+    if values is not None and keep_above is not None:
+        keep[1:] |= ndimage.maximum(values, lab, range(1, n + 1)) > keep_above
     return keep[lab]
 
 
@@ -30,8 +34,11 @@ def find_metal(hu_volume, threshold: float | None = None, min_voxels: int = 3, d
 
     Default threshold 2500 HU, above dense cortical bone (<~2000 HU); 2800 HU when the data are
     clipped at 3071 (the clip level then marks the metal core and bright streaks stay below).
-    Components smaller than ``min_voxels`` are dropped (noise spikes); the 1-voxel in-plane
-    dilation covers the partial-volume rim that an inpainting method should not trust either.
+    Components smaller than ``min_voxels`` are dropped (noise spikes) unless they reach
+    ``DENSE_SPECK_FACTOR`` times the threshold, which no tissue or noise does: a thin wire cut
+    across is one or two voxels (12 000 HU in an XCIST skull-base case), and left out of the mask
+    it would be neither kept as metal nor re-filled in the trace. The 1-voxel in-plane dilation
+    covers the partial-volume rim that an inpainting method should not trust either.
     """
     hu = hu_volume.detach().cpu().numpy() if torch.is_tensor(hu_volume) else np.asarray(hu_volume)
     if hu.ndim not in (2, 3):
@@ -50,7 +57,7 @@ def find_metal(hu_volume, threshold: float | None = None, min_voxels: int = 3, d
     box = tuple(
         slice(max(int(i.min()) - dilate, 0), min(int(i.max()) + dilate + 1, n)) for i, n in zip(np.nonzero(full), full.shape)
     )
-    mask = drop_small_components(full[box], min_voxels)
+    mask = drop_small_components(full[box], min_voxels, hu[box], DENSE_SPECK_FACTOR * threshold)
     if dilate:
         structure = ndimage.generate_binary_structure(2, 1)
         if hu.ndim == 3:
